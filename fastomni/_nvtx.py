@@ -1,0 +1,22 @@
+"""NVTX ranges for Nsight Systems, through the ``nvtx`` package (a no-op without a GPU).
+
+Never ``torch.cuda.nvtx``: it raises on CPU builds of torch. Ranges go inside op bodies (custom
+op implementations), so ``torch.compile(fullgraph=True)`` never traces them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # pragma: no cover - nvtx is a dependency; tolerate its absence anyway
+    _nvtx = None
+
+DOMAIN = "fastomni"
+
+
+def annotate(name: str):
+    """Context manager: an NVTX range ``name`` in the ``fastomni`` domain."""
+    if _nvtx is None:
+        return contextlib.nullcontext()
+    return _nvtx.annotate(name, domain=DOMAIN)
