@@ -13,7 +13,10 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-DC10_USING_CUSTOM_GENERATED_MACROS"]  # portable: no -march
+CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-DC10_USING_CUSTOM_GENERATED_MACROS", "-fopenmp"]  # portable: no -march
+# at::parallel_for is an inline `#pragma omp parallel` in the headers: without -fopenmp it runs serially.
+# Linking libgomp.so.1 resolves to the copy torch already loaded (same soname), so one OpenMP runtime.
+LINK_FLAGS = ["-fopenmp"]
 
 
 def _op_of(path, suffix):
@@ -32,7 +35,7 @@ def _extensions():
         if only and op not in only:
             continue
         exts.append(CppExtension(f"fastomni._C_{op}", [src], include_dirs=[os.path.join(HERE, "csrc")],
-                                 extra_compile_args={"cxx": CXX_FLAGS}))
+                                 extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS))
     if os.environ.get("FASTOMNI_BUILD_CUDA") == "1":
         from torch.utils.cpp_extension import CUDAExtension
 
@@ -86,7 +89,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "av"],
         "triton": ["triton==3.8.0"],
         "video": ["av"],
     },

@@ -1,0 +1,141 @@
+"""Tracking metrics: TAP-Vid's (occlusion accuracy, <delta^x, Jaccard) and OmniMotion's temporal
+coherence, for one video.
+
+Both rescale positions to a 256 x 256 image first, as TAP-Vid and OmniMotion evaluate:
+``x_256 = x_px * 256 / w`` for predictions in pixels and ``x_256 = x_norm * 256`` for ground truth
+normalized as ``(x / w, y / h)`` (the convention of ``fastomni.synthetic``, and what OmniMotion's
+evaluation assumes for TAP-Vid: it multiplies the normalized points by ``(w, h)`` and compares
+them with pixel predictions directly).
+
+Example::
+
+    >>> import numpy as np
+    >>> gt = np.array([[[0.25, 0.5], [0.5, 0.5]]], np.float32)    # one point, two frames
+    >>> occ = np.zeros((1, 2), bool)
+    >>> m = tapvid_metrics(gt * [32, 32], occ, gt, occ, np.array([[0, 16, 8]]), (32, 32))
+    >>> m["average_jaccard"], m["occlusion_accuracy"]
+    (1.0, 1.0)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["tapvid_metrics", "temporal_coherence", "THRESHOLDS"]
+
+THRESHOLDS = (1, 2, 4, 8, 16)  # pixels at 256 x 256
+EVAL_SIZE = 256
+
+
+def _array(x, name: str, shape: tuple, dtype_kind: str) -> np.ndarray:
+    """``x`` as an array of ``shape`` (-1: any size); float (``"f"``) arrays must be finite."""
+    a = np.asarray(x)
+    if a.ndim != len(shape) or any(s != -1 and s != d for s, d in zip(shape, a.shape)):
+        want = "[" + ", ".join("?" if s == -1 else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {a.shape}")
+    if dtype_kind == "b":
+        if a.dtype != bool:
+            raise TypeError(f"{name} must be a bool array, got {a.dtype}")
+    else:
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be numeric, got {a.dtype}")
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+def _image_size(image_size) -> tuple[int, int]:
+    if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+            or not all(isinstance(v, (int, np.integer)) and v > 0 for v in image_size)):
+        raise ValueError(f"image_size must be (h, w) positive ints, got {image_size!r}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def _to_256(pred_tracks: np.ndarray, gt_points: np.ndarray, image_size) -> tuple[np.ndarray, np.ndarray]:
+    h, w = _image_size(image_size)
+    return pred_tracks * np.array([EVAL_SIZE / w, EVAL_SIZE / h]), gt_points * EVAL_SIZE
+
+
+def tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_points, image_size,
+                   query_mode: str = "first") -> dict:
+    """TAP-Vid metrics of one video with ``N`` query points over ``T`` frames.
+
+    pred_tracks ``[N, T, 2]`` (x, y) pixels; pred_occluded ``[N, T]`` bool; gt_points ``[N, T, 2]``
+    normalized (x / w, y / h); gt_occluded ``[N, T]`` bool; query_points ``[N, 3]`` (t, y, x), only
+    ``t`` is used; image_size ``(h, w)`` of the predictions' pixels.
+
+    Evaluated entries: frames after the query frame (``query_mode="first"``, where the query is the
+    point's first visible frame) or all frames but the query frame (``"strided"``). Over them:
+
+    * ``occlusion_accuracy``: fraction with ``pred_occluded == gt_occluded``;
+    * ``pts_within_d`` (d = 1, 2, 4, 8, 16 px at 256 x 256): fraction of ground-truth-visible
+      entries predicted strictly within ``d``, whatever the predicted occlusion;
+      ``average_pts_within_thresh`` (<delta^x_avg) is their mean;
+    * ``jaccard_d = TP / (TP + FN + FP)``: TP visible, predicted visible and within ``d``; FN
+      visible but not TP; FP predicted visible but occluded or not within ``d``;
+      ``average_jaccard`` is their mean.
+
+    Returns a dict of Python floats. Raises ``ValueError`` when no entry is evaluated or none of
+    them is visible (the fractions would be 0/0).
+    """
+    if query_mode not in ("first", "strided"):
+        raise ValueError(f"query_mode must be 'first' or 'strided', got {query_mode!r}")
+    gt_points = _array(gt_points, "gt_points", (-1, -1, 2), "f")
+    n, t = gt_points.shape[:2]
+    pred_tracks = _array(pred_tracks, "pred_tracks", (n, t, 2), "f")
+    pred_occluded = _array(pred_occluded, "pred_occluded", (n, t), "b")
+    gt_occluded = _array(gt_occluded, "gt_occluded", (n, t), "b")
+    query_points = _array(query_points, "query_points", (n, 3), "f")
+    query_frame = query_points[:, 0]
+    if np.any(query_frame != np.round(query_frame)) or np.any((query_frame < 0) | (query_frame >= t)):
+        raise ValueError(f"query_points[:, 0] must be integer frame indices in [0, {t - 1}]")
+    pred, gt = _to_256(pred_tracks, gt_points, image_size)
+
+    frames = np.arange(t)[None]
+    q = query_frame.astype(np.int64)[:, None]
+    evaluated = frames > q if query_mode == "first" else frames != q
+    visible = ~gt_occluded & evaluated
+    if not evaluated.any():
+        raise ValueError("no frames to evaluate (every query is on the last frame)")
+    if not visible.any():
+        raise ValueError("no ground-truth-visible points in the evaluated frames")
+    pred_visible = ~pred_occluded & evaluated
+
+    metrics = {"occlusion_accuracy": float((pred_occluded == gt_occluded)[evaluated].mean())}
+    sq_dist = np.sum((pred - gt) ** 2, axis=-1)
+    for d in THRESHOLDS:
+        within = sq_dist < d * d
+        correct = within & visible
+        metrics[f"pts_within_{d}"] = float(correct.sum() / visible.sum())
+        true_pos = (correct & pred_visible).sum()
+        false_pos = (pred_visible & ~(within & ~gt_occluded)).sum()
+        metrics[f"jaccard_{d}"] = float(true_pos / (visible.sum() + false_pos))
+    metrics["average_pts_within_thresh"] = float(np.mean([metrics[f"pts_within_{d}"] for d in THRESHOLDS]))
+    metrics["average_jaccard"] = float(np.mean([metrics[f"jaccard_{d}"] for d in THRESHOLDS]))
+    return metrics
+
+
+def temporal_coherence(pred_tracks, gt_points, gt_occluded, image_size) -> float:
+    """OmniMotion's temporal coherence (TC, lower is better): the mean L2 distance at 256 x 256
+    between predicted and ground-truth accelerations ``x_{t+1} - 2 x_t + x_{t-1}``, over every
+    point and frame ``t`` whose ground truth is visible at ``t-1``, ``t`` and ``t+1`` (as the
+    authors' evaluation script computes it; query frames are not excluded).
+
+    pred_tracks ``[N, T, 2]`` (x, y) pixels; gt_points ``[N, T, 2]`` normalized; gt_occluded
+    ``[N, T]`` bool; image_size ``(h, w)``. Needs ``T >= 3`` and one visible triplet.
+    """
+    gt_points = _array(gt_points, "gt_points", (-1, -1, 2), "f")
+    n, t = gt_points.shape[:2]
+    pred_tracks = _array(pred_tracks, "pred_tracks", (n, t, 2), "f")
+    gt_occluded = _array(gt_occluded, "gt_occluded", (n, t), "b")
+    if t < 3:
+        raise ValueError(f"temporal coherence needs at least 3 frames, got {t}")
+    pred, gt = _to_256(pred_tracks, gt_points, image_size)
+    visible = ~(gt_occluded[:, :-2] | gt_occluded[:, 1:-1] | gt_occluded[:, 2:])
+    if not visible.any():
+        raise ValueError("no point is visible in three consecutive frames")
+
+    def accel(x):
+        return x[:, 2:] - 2 * x[:, 1:-1] + x[:, :-2]
+
+    return float(np.linalg.norm(accel(pred) - accel(gt), axis=-1)[visible].mean())
