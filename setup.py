@@ -96,5 +96,6 @@ setup(
     setup_requires=["pybind11", "ninja"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["fastomni=fastomni.cli:main"]},
     zip_safe=False,
 )

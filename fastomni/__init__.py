@@ -11,6 +11,7 @@ _LAZY = {
     "backends": "fastomni.ops._registry",
     "use_backend": "fastomni.ops._registry",
     "BackendUnavailable": "fastomni.ops._registry",
+    "load_tracks": "fastomni.query",
 }
 
 __all__ = ["__version__", *_LAZY]

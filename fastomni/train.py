@@ -133,11 +133,10 @@ def compute_losses(model: OmniMotion, batch: dict, step: int, generator: torch.G
     with annotate("train.map"):
         x2, u1 = model.map_between(x1, ids1, ids2)
     with annotate("train.render"):
-        blend = model.blend(u1, mask_near=mask_near)
         in_depth = (x2[..., 2] >= model.min_depth) & (x2[..., 2] <= model.max_depth)
+        blend = model.blend(u1, mask_near=mask_near, points=x2, points_mask=in_depth)
         weights = blend.weights * in_depth
-        x2_pred = (weights[..., None] * x2).sum(dim=-2)
-        px2_proj, _ = model.project(x2_pred)
+        px2_proj, _ = model.project(blend.point)
         _, px2_sample_depths = model.project(x2)
 
     with annotate("train.losses"):

@@ -41,3 +41,21 @@ def tiny_model():
 
     torch.manual_seed(0)
     return OmniMotion(num_imgs=5, h=12, w=16, num_samples_ray=7, use_affine=True).double()
+
+
+NATIVE_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def backend_device(op: str, backend: str) -> str:
+    """The device ``backend``'s tests of ``op`` run on. Skips when a GPU backend cannot run here
+    (triton needs CUDA or TRITON_INTERPRET=1 set before import; cuda needs CUDA and its extension);
+    a missing ``cpu`` extension fails the test unless FASTOMNI_ALLOW_NO_NATIVE=1."""
+    from fastomni.ops import backends
+
+    why = backends()[backend][op]
+    if why != "available":
+        if backend == "cpu" and os.environ.get("FASTOMNI_ALLOW_NO_NATIVE") != "1":
+            pytest.fail(f"cpu backend of {op} unavailable: {why}")
+        pytest.skip(f"{backend} backend of {op} unavailable: {why}")
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return "cpu" if backend == "cpu" or interpreted else "cuda"

@@ -2,7 +2,9 @@
 
 Same constructor arguments, attribute names and state_dict keys as the original
 (``filters.{k}.linear``, ``filters.{k}.mu``, ``filters.{k}.gamma``, ``linear.{k}``,
-``output_linear``), so an original state dict loads with ``strict=True``.
+``output_linear``), so an original state dict loads with ``strict=True``. The forward runs the
+fused ops :func:`fastomni.ops.gabor_filter.gabor_net` (the whole network in one call) and
+:func:`~fastomni.ops.gabor_filter.gabor_step` (one filter bank), on the selected backend.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fastomni.reference.gabor_filter import gabor_filter, gabor_step
+from fastomni.ops.gabor_filter import gabor_net, gabor_step
 
 __all__ = ["GaborLayer", "GaborNet"]
 
@@ -31,9 +33,7 @@ class GaborLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: ``[..., in]`` -> ``[..., out]``."""
-        flat = x.reshape(-1, x.shape[-1])
-        out = gabor_filter(flat, self.linear.weight, self.linear.bias, self.mu, self.gamma)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return gabor_step(x, self.linear.weight, self.linear.bias, self.mu, self.gamma)
 
 
 class GaborNet(nn.Module):
@@ -60,13 +60,9 @@ class GaborNet(nn.Module):
         ])
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = None
-        for k, filt in enumerate(self.filters):
-            lin = self.linear[k - 1] if k > 0 else None
-            out = gabor_step(flat, filt.linear.weight, filt.linear.bias, filt.mu, filt.gamma, out,
-                             lin.weight if lin is not None else None, lin.bias if lin is not None else None)
-        out = self.output_linear(out)
-        if self.output_act:
-            out = torch.sin(out)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        out = gabor_net(x, [f.linear.weight for f in self.filters], [f.linear.bias for f in self.filters],
+                        [f.mu for f in self.filters], [f.gamma for f in self.filters],
+                        [lin.weight for lin in self.linear],
+                        [lin.bias for lin in self.linear if lin.bias is not None],
+                        self.output_linear.weight, self.output_linear.bias)
+        return torch.sin(out) if self.output_act else out

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from fastomni.nn.mfn import GaborNet
 from fastomni.nn.nvp import NVPSimplified
-from fastomni.reference.composite import alpha_to_weights, composite_alpha, composite_values, occlusion_score, select_max_weight
-from fastomni.reference.stratified_sample import denormalize_coords, stratified_sample
+from fastomni.ops.composite import composite
+from fastomni.ops.stratified_sample import stratified_sample
+from fastomni.reference.stratified_sample import denormalize_coords
 
 __all__ = ["OmniMotion", "Blend", "contract"]
 
@@ -31,12 +32,14 @@ def contract(u: Tensor) -> Tensor:
 @dataclass
 class Blend:
     """Canonical query of ray samples ``[..., K]``: colors ``[..., K, 3]``, weights and alphas
-    ``[..., K]``, rendered rgb ``[..., 3]``."""
+    ``[..., K]``, rendered rgb ``[..., 3]``; with points given, their composite ``[..., D]``
+    (``sum_k w_k m_k p_k``, ``m`` the points mask)."""
 
     colors: Tensor
     weights: Tensor
     alphas: Tensor
     rendered_rgbs: Tensor
+    point: Tensor | None = None
 
 
 def _check_ids(ids, num_imgs: int, name: str) -> Tensor:
@@ -126,11 +129,8 @@ class OmniMotion(nn.Module):
 
         ``det=False`` jitters the depths inside their intervals with ``generator``'s uniform noise.
         """
-        noise = None
-        if not det:
-            noise = torch.rand(*px.shape[:-1], self.num_samples_ray, generator=generator,
-                               dtype=px.dtype, device=px.device)
-        return stratified_sample(px, self.h, self.w, self.num_samples_ray, self.min_depth, self.max_depth, noise)
+        return stratified_sample(px, self.h, self.w, self.num_samples_ray, self.min_depth, self.max_depth,
+                                 det=det, generator=generator)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Orthographic projection ``[..., 3]`` -> ``(pixels [..., 2], depth [..., 1])``."""
@@ -141,20 +141,21 @@ class OmniMotion(nn.Module):
         out = self.color_mlp(contract(u) if apply_contraction else u)
         return torch.sigmoid(out[..., :3]), F.softplus(out[..., -1] - 1.0)
 
-    def blend(self, u: Tensor, mask_near: bool = False) -> Blend:
+    def blend(self, u: Tensor, mask_near: bool = False, points: Tensor | None = None,
+              points_mask: Tensor | None = None) -> Blend:
         """Query canonical ray samples ``u [..., K, 3]`` and alpha-composite their colors.
 
         ``mask_near`` zeroes the alphas of the nearest 20% of samples (the original's early-training
-        trick)."""
+        trick; a zero density gives alpha exactly 0). ``points [..., K, D]`` (e.g. the samples mapped
+        to another frame) are composited in the same call with the weights masked by the bool
+        ``points_mask [..., K]`` (the original's training keeps mapped depths inside the range)."""
         colors, density = self.color_density(u)
-        weights, alphas = composite_alpha(density)
         if mask_near:
-            near = int(u.shape[-2] * 0.2)
-            keep = torch.ones_like(density)
-            keep[..., :near] = 0
-            alphas = alphas * keep
-            weights = alpha_to_weights(alphas)
-        return Blend(colors, weights, alphas, composite_values(weights, colors))
+            near = torch.zeros_like(density, dtype=torch.bool)
+            near[..., : int(u.shape[-2] * 0.2)] = True
+            density = density.masked_fill(near, 0.0)
+        out = composite(density, colors, points, points_mask)
+        return Blend(colors, out.weights, out.alphas, out.rgb, None if points is None else out.point)
 
     # -- correspondences ------------------------------------------------------------------------
     def correspondences(self, ids1, px1: Tensor, ids2, use_max_loc: bool = False) -> tuple[Tensor, Tensor]:
@@ -166,9 +167,8 @@ class OmniMotion(nn.Module):
         _check_points(px1, len(ids1), 2, "px1")
         x1, _ = self.sample_rays(px1)
         x2, u = self.map_between(x1, ids1, ids2)
-        weights = self.blend(u).weights
-        x2_pred = select_max_weight(weights, x2) if use_max_loc else composite_values(weights, x2)
-        return self.project(x2_pred)
+        _, density = self.color_density(u)
+        return self.project(composite(density, points=x2, select_max=use_max_loc).point)
 
     def correspondences_and_occlusion(self, ids1, px1: Tensor, ids2, use_max_loc: bool = True
                                       ) -> tuple[Tensor, Tensor, Tensor]:
@@ -177,6 +177,6 @@ class OmniMotion(nn.Module):
         (minus ``1.1 (max - min) / K``). Returns ``(px2, score, depth)``."""
         px2, depth = self.correspondences(ids1, px1, ids2, use_max_loc)
         x2, depths2 = self.sample_rays(px2)
-        weights = self.blend(self.map_to_canonical(x2, ids2)).weights
+        _, density = self.color_density(self.map_to_canonical(x2, ids2))
         eps = 1.1 * (self.max_depth - self.min_depth) / self.num_samples_ray
-        return px2, occlusion_score(weights, depths2[..., 0], depth, eps), depth
+        return px2, composite(density, mask=depths2[..., 0] < depth - eps).opacity, depth

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastomni.ops.affine_coupling import affine_coupling
 from fastomni.reference.affine_coupling import S_CLAMP, coupling_update, fixed_positional_encoding
 
 __all__ = ["NVPSimplified", "CouplingLayer", "MLP", "AffineMLP", "get_projection_layer"]
@@ -199,10 +200,40 @@ class CouplingLayer(nn.Module):
         st = mlp[1:](h.reshape(-1, h.shape[-1])).reshape(*y.shape[:-1], 2)
         return torch.clamp(st[..., 0:1], -S_CLAMP, S_CLAMP), st[..., 1:2]
 
+    def fused_weights(self) -> tuple[nn.Linear, list[nn.Linear], float] | None:
+        """``(projection linear, map_st linears, LeakyReLU slope)`` when this layer has the default
+        configuration that :func:`fastomni.ops.affine_coupling.affine_coupling` implements (fixed
+        positional encoding, LeakyReLU MLP without BatchNorm, one slope >= 0), else None."""
+        proj = self.projection
+        if not isinstance(proj, FixedPositionalEncoding) or len(self.map_st) != 1 or not isinstance(self.map_st[0], MLP):
+            return None
+        layers = list(self.map_st[0].mlp)
+        linears, acts = layers[0::2], [proj.proj[1], *layers[1::2]]
+        if (len(proj.proj) != 2 or len(layers) < 3 or not all(isinstance(m, nn.Linear) for m in linears)
+                or not all(type(a) is nn.LeakyReLU for a in acts)):
+            return None
+        slopes = {a.negative_slope for a in acts}
+        if len(slopes) != 1 or min(slopes) < 0:
+            return None
+        return proj.proj[0], linears, slopes.pop()
+
     def transform(self, code: Tensor, y: Tensor, inverse: bool = False) -> Tensor:
-        """Forward (local -> canonical) or inverse of this layer; ``y [n, ..., 3]``, ``code [n, C]``."""
-        s, t = self.st(code, y)
-        return coupling_update(y, s, t, self.transformed, inverse)
+        """Forward (local -> canonical) or inverse of this layer; ``y [n, ..., 3]``, ``code [n, C]``.
+
+        The default configuration runs as one ``fastomni::affine_coupling`` op (backend chosen by
+        :mod:`fastomni.ops`); any other runs the modules.
+        """
+        fused = self.fused_weights()
+        if fused is None:
+            s, t = self.st(code, y)
+            return coupling_update(y, s, t, self.transformed, inverse)
+        proj, linears, slope = fused
+        first, hidden, out = linears[0], linears[1:-1], linears[-1]
+        c = code.shape[-1]
+        code_bias = torch.addmm(first.bias, code, first.weight[:, :c].T)  # [n, H0], once per frame
+        return affine_coupling(y, code_bias, proj.weight, proj.bias, first.weight[:, c:], [m.weight for m in hidden],
+                               [m.bias for m in hidden], out.weight, out.bias, self.projection.sigma, self.transformed,
+                               inverse, slope)
 
     def forward(self, F: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The original's signature: ``F`` the code expanded to every point ``[..., C]``.

@@ -6,6 +6,9 @@ stratified sampling replaces depth ``k`` by ``lower_k + (upper_k - lower_k) * u_
 interval bounded by the midpoints to its neighbours (the first and last intervals are half-open
 at the ends) and ``u ~ U[0, 1)``.
 
+Only the x and y of a point depend on the pixel, linearly: ``d points[..., k, 0] / d px[..., 0] =
+2 / (w-1)`` for every sample k (y likewise with ``h``); the depths depend on the noise alone.
+
 Example::
 
     >>> import torch
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["normalize_coords", "denormalize_coords", "sample_depths", "stratified_sample"]
+__all__ = ["denormalize_coords", "depth_bounds", "normalize_coords", "sample_depths", "stratified_sample", "stratified_sample_bwd_ref"]
 
 
 def normalize_coords(px: Tensor, h: int, w: int) -> Tensor:
@@ -34,16 +37,22 @@ def denormalize_coords(xy: Tensor, h: int, w: int) -> Tensor:
     return (xy + 1.0) * scale / 2.0
 
 
+def depth_bounds(num_samples: int, min_depth: float, max_depth: float, dtype=torch.float32, device=None
+                 ) -> tuple[Tensor, Tensor]:
+    """Stratification intervals ``(lower [K], upper [K])``: the midpoints between neighbouring
+    depths of ``linspace(min_depth, max_depth, K)``, the grid's own ends at both ends."""
+    depths = torch.linspace(min_depth, max_depth, num_samples, dtype=dtype, device=device)
+    mids = 0.5 * (depths[1:] + depths[:-1])
+    return torch.cat([depths[:1], mids]), torch.cat([mids, depths[-1:]])
+
+
 def sample_depths(shape: tuple[int, ...], num_samples: int, min_depth: float, max_depth: float,
                   noise: Tensor | None = None, dtype=torch.float32, device=None) -> Tensor:
     """Depths ``[*shape, K]``: evenly spaced, or stratified by ``noise [*shape, K]`` in [0, 1)."""
-    base = torch.linspace(min_depth, max_depth, num_samples, dtype=dtype, device=device)
-    depths = base.expand(*shape, num_samples)
     if noise is None:
-        return depths
-    mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
-    upper = torch.cat([mids, depths[..., -1:]], dim=-1)
-    lower = torch.cat([depths[..., :1], mids], dim=-1)
+        base = torch.linspace(min_depth, max_depth, num_samples, dtype=dtype, device=device)
+        return base.expand(*shape, num_samples)
+    lower, upper = depth_bounds(num_samples, min_depth, max_depth, dtype, device)
     return lower + (upper - lower) * noise
 
 
@@ -57,3 +66,13 @@ def stratified_sample(px: Tensor, h: int, w: int, num_samples: int, min_depth: f
     depths = sample_depths(px.shape[:-1], num_samples, min_depth, max_depth, noise, px.dtype, px.device)
     xy = normalize_coords(px, h, w)[..., None, :].expand(*px.shape[:-1], num_samples, 2)
     return torch.cat([xy, depths[..., None]], dim=-1), depths[..., None]
+
+
+def stratified_sample_bwd_ref(grad_points: Tensor, h: int, w: int) -> Tensor:
+    """Explicit backward of :func:`stratified_sample` w.r.t. ``px``.
+
+    grad_points: ``[..., K, 3]``. Returns ``grad_px [..., 2] = sum_k grad_points[..., k, :2] * 2 /
+    (w-1, h-1)`` (the depths output and the noise carry no gradient to ``px``).
+    """
+    scale = torch.tensor([w - 1.0, h - 1.0], dtype=grad_points.dtype, device=grad_points.device)
+    return grad_points[..., :2].sum(dim=-2) * 2 / scale

@@ -1,0 +1,6 @@
+"""``python -m fastomni``: the ``fastomni`` command."""
+import sys
+
+from fastomni.cli import main
+
+sys.exit(main())

@@ -1,0 +1,313 @@
+"""The ``fastomni`` command (also ``python -m fastomni``).
+
+Subcommands::
+
+    fastomni preprocess VIDEO --out SEQ            pairwise flow in the original's layout
+    fastomni train [SEQ] --out RUN [options]       optimize (resumes from RUN's last checkpoint)
+    fastomni track VIDEO --queries Q.npy --out DIR preprocess + optimize + track -> DIR/tracks.npz
+    fastomni export RUN [--query_frame N]          every pixel of a frame to every frame -> .npz
+    fastomni viz TRACKS.npz --video VIDEO --out X  trails (.mp4) or trajectories (.png)
+    fastomni eval TRACKS.npz --gt GT.npz           TAP-Vid metrics, query-first and strided
+    fastomni synth --out DIR                       a synthetic clip with ground truth
+    fastomni demo --out DIR                        synth -> track -> eval against chained flow
+
+Options of the optimization (``train``, ``track``, ``demo``) are the original's config keys
+(``--num_iters 2000``, ``--use_affine false``), a ``--config`` file (the original's .txt, YAML
+or JSON) and a ``--preset`` (``original``, or ``cpu``: the default without a GPU).
+Errors in the input are reported as one line naming the problem, exit status 1; Ctrl-C during
+an optimization saves a checkpoint and exits with 130 (run again to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+__all__ = ["build_parser", "main"]
+
+_USER_ERRORS = (ValueError, TypeError, IndexError, FileNotFoundError, NotADirectoryError, FileExistsError, KeyError)
+
+
+def _default_preset() -> str:
+    import torch
+
+    return "original" if torch.cuda.is_available() else "cpu"
+
+
+def _config(args):
+    from fastomni.config import config_from_args
+
+    name = args.preset or _default_preset()
+    if args.preset is None and not args.quiet:
+        print(f"preset: {name} ({'GPU found' if name == 'original' else 'no GPU: small CPU budget'}; "
+              "--preset to choose)", file=sys.stderr)
+    return config_from_args(args, default_preset=name)
+
+
+def _load_queries(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"query file not found: {path}")
+    try:
+        q = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file to the user
+        raise ValueError(f"{path} is not a readable .npy array: {exc}") from None
+    if not isinstance(q, np.ndarray):
+        raise TypeError(f"{path} must hold one [N, 3] array (t, y, x), got an archive")
+    return q
+
+
+# -- subcommands ------------------------------------------------------------------------------------
+def _cmd_preprocess(args) -> int:
+    from fastomni.io import load_video
+    from fastomni.preprocess import preprocess
+
+    frames = load_video(args.video, max_frames=args.max_frames, resize=args.max_side or None)
+    preprocess(frames, args.out, max_interval=args.max_interval, progress=not args.quiet, flow_preset=args.flow_preset)
+    print(args.out)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from fastomni.optimize import optimize
+
+    cfg = _config(args)
+    seq = args.seq or cfg.data_dir
+    if not seq:
+        raise ValueError("no sequence folder: give SEQ or data_dir in the config")
+    out = args.out or os.path.join(cfg.save_dir, f"{cfg.expname}_{os.path.basename(os.path.normpath(seq))}")
+    result = optimize(seq, out, cfg, progress=not args.quiet)
+    print(result.checkpoint)
+    return 0
+
+
+def _cmd_track(args) -> int:
+    from fastomni.optimize import track_video
+
+    cfg = _config(args)
+    queries = _load_queries(args.queries)
+    out = track_video(args.video, queries, args.out, cfg, half=args.half, progress=not args.quiet,
+                      max_interval=args.max_interval, flow_preset=args.flow_preset)
+    print(out["path"])
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from fastomni.optimize import load_run
+    from fastomni.query import export_dense
+
+    model, cfg, _ = load_run(args.run, device=args.device)
+    qf = cfg.query_frame_id if args.query_frame is None else args.query_frame
+    scale_to = None
+    info_path = os.path.join(args.run, "video.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            size = tuple(json.load(f)["video_size"])
+        scale_to = None if size == (model.h, model.w) else size
+    out = args.out or os.path.join(args.run, f"dense_{qf:05d}.npz")
+    export_dense(model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
+                 chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _subsample(n: int, max_points: int) -> np.ndarray:
+    return np.arange(n) if n <= max_points else np.linspace(0, n - 1, max_points).round().astype(np.int64)
+
+
+def _cmd_viz(args) -> int:
+    from fastomni.io import load_video
+    from fastomni.query import load_tracks
+    from fastomni.viz import plot_trajectories, render_trails
+
+    if args.max_points < 1:
+        raise ValueError(f"--max_points must be >= 1, got {args.max_points}")
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in (".mp4", ".png"):
+        raise ValueError(f"--out must end in .mp4 (trails) or .png (trajectories), got {args.out}")
+    data = load_tracks(args.tracks)
+    tracks, occluded = data["tracks"], data["occluded"]
+    size = tuple(int(v) for v in data["image_size"]) if "image_size" in data else None
+    frames = load_video(args.video, max_frames=tracks.shape[1], resize=size)
+    if frames.shape[0] != tracks.shape[1]:
+        raise ValueError(f"{args.video} has {frames.shape[0]} frames, the tracks span {tracks.shape[1]}")
+    keep = _subsample(len(tracks), args.max_points)
+    if ext == ".mp4":
+        render_trails(frames, tracks[keep], occluded[keep], args.out, trail=args.trail, progress=not args.quiet)
+    else:
+        plot_trajectories(frames, tracks[keep], occluded[keep], args.out)
+    print(args.out)
+    return 0
+
+
+def evaluate(tracks_path: str, gt_path: str, modes=("first", "strided")) -> dict:
+    """TAP-Vid metrics (and temporal coherence) of a tracks file against ground truth in TAP-Vid's
+    layout (``.npz`` with ``points [N, T, 2]`` normalized (x/w, y/h), ``occluded [N, T]``, and
+    ``video [T, H, W, 3]`` or the tracks file's ``image_size``); rows must correspond. Query points
+    come from the tracks file (else the ground truth's ``query_points``)."""
+    from fastomni.metrics import tapvid_metrics, temporal_coherence
+    from fastomni.query import load_tracks
+
+    pred = load_tracks(tracks_path)
+    if not os.path.isfile(gt_path):
+        raise FileNotFoundError(f"ground truth not found: {gt_path}")
+    try:
+        gt = np.load(gt_path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file to the user
+        raise ValueError(f"{gt_path} is not a readable .npz: {exc}") from None
+    with gt:
+        missing = [k for k in ("points", "occluded") if k not in gt.files]
+        if missing:
+            raise ValueError(f"{gt_path} lacks {missing} (TAP-Vid layout: points [N,T,2] normalized, occluded [N,T])")
+        points, occluded = gt["points"], gt["occluded"].astype(bool)
+        queries = pred.get("query_points", gt["query_points"] if "query_points" in gt.files else None)
+        size = (tuple(int(v) for v in pred["image_size"]) if "image_size" in pred
+                else tuple(gt["video"].shape[1:3]) if "video" in gt.files else None)
+    if queries is None:
+        raise ValueError("no query points: neither the tracks file nor the ground truth has query_points")
+    if size is None:
+        raise ValueError("image size unknown: the tracks file has no image_size and the ground truth no video")
+    if points.shape[:2] != pred["tracks"].shape[:2]:
+        raise ValueError(f"ground truth has {points.shape[0]} points x {points.shape[1]} frames, the tracks "
+                         f"{pred['tracks'].shape[0]} x {pred['tracks'].shape[1]}: rows must correspond")
+    out = {mode: tapvid_metrics(pred["tracks"], pred["occluded"], points, occluded, queries, size, mode)
+           for mode in modes}
+    if points.shape[1] >= 3:
+        out["temporal_coherence"] = temporal_coherence(pred["tracks"], points, occluded, size)
+    return out
+
+
+def _cmd_eval(args) -> int:
+    modes = ("first", "strided") if args.query_mode == "both" else (args.query_mode,)
+    metrics = evaluate(args.tracks, args.gt, modes)
+    text = json.dumps(metrics, indent=1)
+    if args.json:
+        from fastomni.optimize import write_atomic_text
+
+        write_atomic_text(args.json, text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from fastomni.synthetic import make_video, write_synthetic
+
+    video = make_video(num_frames=args.num_frames, h=args.size, w=args.size, num_points=args.num_points, seed=args.seed)
+    write_synthetic(video, args.out)
+    print(args.out)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from fastomni.demo import format_table, run_demo
+
+    cfg = _config(args)
+    summary = run_demo(args.out, cfg, size=args.size, num_frames=args.num_frames, num_points=args.num_points,
+                       seed=args.clip_seed, progress=not args.quiet)
+    print(format_table(summary["metrics"]))
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items()))
+    print(f"trails: {summary['paths']['trails']}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from fastomni.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="fastomni", description="Track every pixel through a video (OmniMotion).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, func, help, **kw):
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+        return p
+
+    flow_presets = ("full", "medium", "fast")
+    p = command("preprocess", _cmd_preprocess, "compute filtered pairwise optical flow for a video")
+    p.add_argument("video", help="video file, frame folder or sequence folder")
+    p.add_argument("--out", required=True, help="sequence folder to write")
+    p.add_argument("--max_frames", type=int, default=None, help="keep the first N frames")
+    p.add_argument("--max_side", type=int, default=0, help="downscale so the longer side is at most this")
+    p.add_argument("--max_interval", type=int, default=None, help="only pairs at most this many frames apart")
+    p.add_argument("--flow_preset", choices=flow_presets, default="full")
+
+    p = command("train", _cmd_train, "optimize OmniMotion on a preprocessed sequence (resumes when stopped)")
+    p.add_argument("seq", nargs="?", default=None, help="sequence folder (default: data_dir of the config)")
+    p.add_argument("--out", default=None, help="run folder (default: save_dir/{expname}_{sequence name})")
+    add_config_arguments(p)
+
+    p = command("track", _cmd_track, "track query points through a video: preprocess, optimize, query")
+    p.add_argument("video", help="video file or frame folder")
+    p.add_argument("--queries", required=True, help=".npy [N, 3] rows (t, y, x): frame index and pixel")
+    p.add_argument("--out", required=True, help="run folder; tracks go to OUT/tracks.npz")
+    p.add_argument("--half", action="store_true", help="store tracks as float16 displacements")
+    p.add_argument("--max_interval", type=int, default=None, help="preprocess only pairs this close")
+    p.add_argument("--flow_preset", choices=flow_presets, default="full")
+    add_config_arguments(p)
+
+    p = command("export", _cmd_export, "track every pixel of one frame to every frame (dense .npz)")
+    p.add_argument("run", help="run folder (from train or track)")
+    p.add_argument("--query_frame", type=int, default=None, help="default: query_frame_id of the run's config")
+    p.add_argument("--out", default=None, help="output .npz (default: RUN/dense_{frame}.npz)")
+    p.add_argument("--half", action="store_true", help="float16 displacements (smaller files)")
+    p.add_argument("--device", default="auto")
+
+    p = command("viz", _cmd_viz, "draw tracks over the video: trails (.mp4) or trajectories (.png)")
+    p.add_argument("tracks", help="tracks .npz (track or export output)")
+    p.add_argument("--video", required=True, help="the tracked video (file or frame folder)")
+    p.add_argument("--out", required=True, help="output .mp4 or .png")
+    p.add_argument("--trail", type=int, default=10, help="frames of trail behind each point (mp4)")
+    p.add_argument("--max_points", type=int, default=400, help="draw at most this many tracks (evenly chosen)")
+
+    p = command("eval", _cmd_eval, "TAP-Vid metrics of a tracks file against ground truth")
+    p.add_argument("tracks", help="tracks .npz")
+    p.add_argument("--gt", required=True, help="ground truth .npz: points [N,T,2] normalized, occluded [N,T]")
+    p.add_argument("--query_mode", choices=("first", "strided", "both"), default="both")
+    p.add_argument("--json", default=None, help="also write the metrics to this file")
+
+    p = command("synth", _cmd_synth, "write a synthetic clip with ground-truth tracks")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num_frames", type=int, default=24)
+    p.add_argument("--size", type=int, default=128, help="frame height and width")
+    p.add_argument("--num_points", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("demo", _cmd_demo, "synthetic clip -> OmniMotion tracks -> metrics beside chained flow, trails mp4")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=None, help="frame size (default: max_side of the preset, at most 128)")
+    p.add_argument("--num_frames", type=int, default=24)
+    p.add_argument("--num_points", type=int, default=256)
+    p.add_argument("--clip_seed", type=int, default=0, help="seed of the synthetic clip")
+    add_config_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = f"fastomni {args.command}"
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return args.func(args)
+    except KeyboardInterrupt as exc:
+        print(f"{name}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

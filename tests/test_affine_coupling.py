@@ -1,0 +1,256 @@
+"""affine_coupling: every backend against the reference (forward and backward), the explicit
+reference backward against autograd, inverse(forward(y)) == y, gradcheck, opcheck, torch.compile,
+dispatch errors, and NVPSimplified's use of the op (default configuration only).
+
+The test layer has distinct widths (Pd=16, H0=32, hidden 64 and 16: powers of two, as the GPU
+kernels require) so that no size is confused with another, and its ``s`` output is scaled so that part of the points hit the clamp at +-8."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import NATIVE_BACKENDS, TOLERANCES, backend_device
+from fastomni.nn import NVPSimplified
+from fastomni.ops import BackendUnavailable, use_backend
+from fastomni.ops.affine_coupling import affine_coupling, affine_coupling_op
+from fastomni.reference import affine_coupling as ref
+
+OP = "affine_coupling"
+PD, H0, HIDDEN, N_FREQ = 16, 32, (64, 16), 4
+# (frames n, points per frame P): no points, one point, primes, rows spanning several blocks of 256
+SHAPES = [(1, 0), (3, 0), (1, 1), (3, 7), (2, 13), (3, 131)]
+
+
+def _layer(n: int, P: int, dtype, device, seed: int = 0, widths=(PD, H0, *HIDDEN)) -> list:
+    """Arguments ``y .. sigma`` of one coupling layer; weights scaled for O(1) activations."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    pd, h0, *hidden = widths
+    enc = 2 + 4 * N_FREQ
+    out_w = rnd(2, hidden[-1], scale=hidden[-1] ** -0.5)
+    out_w[0] *= 60  # s spreads over about +-10: the clamp at +-8 is active for some points
+    return [rnd(n, P, 3, scale=0.5), rnd(n, h0, scale=0.3), rnd(pd, enc, scale=enc ** -0.5), rnd(pd, scale=0.1),
+            rnd(h0, pd, scale=pd ** -0.5),
+            [rnd(b, a, scale=a ** -0.5) for a, b in zip([h0, *hidden[:-1]], hidden)],
+            [rnd(b, scale=0.1) for b in hidden], out_w, rnd(2, scale=0.1),
+            (torch.pi * 2.0 ** torch.arange(N_FREQ, dtype=torch.float64)).to(dtype=dtype, device=device)]
+
+
+def _leaves(args: list) -> list:
+    """The differentiable tensors of ``args`` (all but sigma), flat."""
+    return [*args[:5], *args[5], *args[6], args[7], args[8]]
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_matches_reference(backend, dtype, shape, inverse):
+    device = backend_device(OP, backend)
+    n, P = shape
+    args = _layer(n, P, dtype, device)
+    for t in _leaves(args):
+        t.requires_grad_()
+    transformed = (n + P) % 3
+    want = ref.affine_coupling(*args, transformed, inverse)
+    with use_backend(backend):
+        got = affine_coupling(*args, transformed, inverse)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(want)
+    want_g = torch.autograd.grad(want, _leaves(args), grad)
+    got_g = torch.autograd.grad(got, _leaves(args), grad)
+    for i, (a, b) in enumerate(zip(got_g, want_g)):
+        # weight gradients sum over every point: compare relative to their scale
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, atol=TOLERANCES[dtype]["atol"] * max(1.0, scale),
+                                   rtol=TOLERANCES[dtype]["rtol"], msg=lambda m: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_several_chunks_and_threads(backend):
+    """Rows split over more chunks than blocks of work per thread, weights requiring grad: the
+    worker threads run below autograd as the caller does, and the result does not depend on them."""
+    device = backend_device(OP, backend)
+    args = _layer(4, 300, torch.float64, device, seed=3)
+    for t in _leaves(args):
+        t.requires_grad_()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for k in (1, 3):
+            torch.set_num_threads(k)
+            with use_backend(backend):
+                out = affine_coupling(*args, 0, False)
+            results.append([out, *torch.autograd.grad(out.square().sum(), _leaves(args))])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+def test_reference_backward_is_autograd():
+    args = _layer(3, 17, torch.float64, "cpu", seed=2)
+    for inverse in (False, True):
+        for transformed in range(3):
+            leaves = [t.detach().requires_grad_() for t in _leaves(args)]
+            full = [*leaves[:5], leaves[5:7], leaves[7:9], *leaves[9:], args[9]]
+            out = ref.affine_coupling(*full, transformed, inverse)
+            grad = torch.randn_like(out)
+            want = torch.autograd.grad(out, leaves, grad)
+            with torch.no_grad():
+                g = ref.affine_coupling_bwd_ref(grad, *full, transformed, inverse)
+            got = [*g[:5], *g[5], *g[6], *g[7:]]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+def test_clamp_is_exercised():
+    """The test layer drives some s beyond +-8 (else the clamp's gradient would go untested)."""
+    s, _ = ref.coupling_st(*_layer(3, 131, torch.float64, "cpu"), transformed=1)
+    assert 0 < int((s.abs() == ref.S_CLAMP).sum()) < s.numel()
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+def test_inverse_of_forward(backend):
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    args = _layer(2, 29, torch.float64, device, seed=4)
+    with use_backend(backend):
+        for transformed in range(3):
+            x = affine_coupling(*args, transformed, inverse=False)
+            back = affine_coupling(x, *args[1:], transformed, inverse=True)
+            torch.testing.assert_close(back, args[0], **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradcheck(backend, inverse):
+    """float64 gradcheck of the custom op; with ``reference`` it checks the explicit
+    ``affine_coupling_bwd_ref`` (the custom op's backward calls it). The GPU kernels take
+    power-of-two widths only, and are checked in fast mode (one random direction per input) so
+    that the interpreter finishes in seconds."""
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    gpu = backend in ("triton", "cuda")
+    args = _layer(2, 3, torch.float64, device, seed=5, widths=(16, 16, 16, 16) if gpu else (5, 6, 7, 4))
+    leaves = [t.requires_grad_() for t in _leaves(args)]
+    L = len(args[5])
+
+    def fn(*t):
+        return affine_coupling_op(*t[:5], list(t[5:5 + L]), list(t[5 + L:5 + 2 * L]), *t[5 + 2 * L:], args[9],
+                                  2, inverse, 0.01, backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=gpu)
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+def test_opcheck(backend):
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    args = _layer(2, 5, torch.float32, device, seed=6)
+    for t in _leaves(args):
+        t.requires_grad_()
+    torch.library.opcheck(affine_coupling_op, (*args, 1, True, 0.01, backend))
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_compile_fullgraph(backend):
+    device = backend_device(OP, backend)
+    args = _layer(2, 9, torch.float32, device, seed=7)
+    y = args[0].requires_grad_()
+
+    def loss(y):
+        return affine_coupling(y, *args[1:], 0, False).square().sum()
+
+    with use_backend(backend):
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(y), y)[0]
+        want = torch.autograd.grad(loss(y), y)[0]
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+def test_dispatch_errors():
+    args = _layer(2, 3, torch.float32, "cpu")
+    half = [t.half() if isinstance(t, torch.Tensor) else [w.half() for w in t] for t in args]
+    with use_backend("cpu"), pytest.raises(BackendUnavailable, match="float32 or float64"):
+        affine_coupling(*half, 0, False)
+    with use_backend("cuda"), pytest.raises(BackendUnavailable, match="CUDA|cuda tensors|not built"):
+        affine_coupling(*args, 0, False)
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        affine_coupling_op(*args, 0, False, 0.01, "cuda")
+    with pytest.raises(ValueError, match="code_bias"):
+        affine_coupling(args[0], args[1][:1], *args[2:], 0, False)
+    with pytest.raises(ValueError, match="negative_slope"):
+        affine_coupling(*args, 0, False, negative_slope=-0.1)
+    with pytest.raises(ValueError, match="transformed"):
+        affine_coupling(*args, 3, False)
+
+
+def test_cpu_kernel_checks_sizes():
+    """A direct call of the C++ kernel with a mis-sized weight fails with the sizes, not a crash."""
+    backend_device(OP, "cpu")
+    args = _layer(2, 3, torch.float32, "cpu")
+    args[4] = args[4][:, :-1]
+    with pytest.raises(RuntimeError, match=r"input weight must be \[out, 16\]"):
+        torch.ops.fastomni_cpu.affine_coupling_fwd(*args, 0, False, 0.01)
+
+
+def _nvp(**kw) -> NVPSimplified:
+    torch.manual_seed(0)
+    cfg = dict(n_layers=6, feature_dims=8, hidden_size=[32, 32, 32], proj_dims=16, proj_type="fixed_positional_encoding",
+               pe_freq=4, normalization=False)
+    return NVPSimplified(**{**cfg, **kw}).double()
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+def test_nvp_uses_op_and_matches_original_path(backend):
+    """The default configuration runs the op; it equals the original's concatenating layers and
+    inverts."""
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    nvp = _nvp().to(device)
+    assert all(layer.fused_weights() is not None for layer in nvp.layers1)
+    t, feat = torch.rand(3, 1, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    x = torch.rand(3, 5, 4, 3, dtype=torch.float64)
+    t, feat, x = t.to(device), feat.to(device), x.to(device)
+    with use_backend(backend):
+        u = nvp.forward(t, feat, x)
+        back = nvp.inverse(t, feat, u)
+    want = x
+    for i in nvp.layer_idx:
+        code = nvp.code_projectors[i](feat)[:, None, None].expand(*x.shape[:3], -1)
+        want, _ = nvp.layers1[i](code, want)
+    torch.testing.assert_close(u, want, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(back, x, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("kw", [dict(normalization=True), dict(proj_type="simple"),
+                                dict(activation=torch.nn.ReLU)], ids=str)
+def test_nvp_other_configurations_keep_module_path(kw):
+    nvp = _nvp(**kw).eval()
+    assert all(layer.fused_weights() is None for layer in nvp.layers1)
+    t, feat, x = torch.rand(2, 1).double(), torch.randn(2, 8).double(), torch.rand(2, 7, 3).double()
+    with use_backend("cpu"):  # no op runs, so even a backend without this configuration works
+        back = nvp.inverse(t, feat, nvp.forward(t, feat, x))
+    torch.testing.assert_close(back, x, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
+@pytest.mark.parametrize("kernel", ["_coupling_fwd_kernel", "_coupling_bwd_kernel"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_triton_compiles_for_sm90(kernel, dtype):
+    """A real compile to PTX and cubin for sm_90 at OmniMotion's widths (no GPU needed)."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    from fastomni.kernels import affine_coupling as kernels
+    from triton.backends.compiler import GPUTarget
+
+    fn = getattr(kernels, kernel)
+    w = torch.empty(256, 256)
+    cfg = kernels._config(torch.empty(0, dtype=getattr(torch, {"fp32": "float32", "fp64": "float64"}[dtype])),
+                          w[:, :18], w, [w, w], torch.empty(4), transformed=1, inverse=False, block_m=32)
+    signature = {name: "constexpr" if name in cfg else "i32" if name == "P" else dtype if name == "slope"
+                 else f"*{dtype}" for name in fn.arg_names}
+    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=cfg),
+                              target=GPUTarget("cuda", 90, 32))
+    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]

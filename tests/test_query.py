@@ -1,0 +1,200 @@
+"""Tracks from a model: the fast query path equals the original's per-pair computation, files
+round-trip, bad input raises clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from fastomni.nn import OmniMotion
+from fastomni.query import (
+    check_query_points,
+    dense_tracks,
+    export_dense,
+    load_tracks,
+    pair_flows,
+    rescale_points,
+    save_tracks,
+    track_points,
+)
+from fastomni.reference.composite import composite_alpha
+
+
+class ParallaxModel(OmniMotion):
+    """An OmniMotion (its real networks) with a two-layer canonical scene, a near slab in front of a
+    far plane, seen through an extra per-frame shear ``x += c_t z`` so that frames see the slab
+    move against the plane: max-weight samples sit on either layer and points are occluded in
+    some frames and visible in others."""
+
+    def _shear(self, ids):
+        return 0.5 * (torch.as_tensor(ids, dtype=self.time_steps.dtype) - 1.5)
+
+    def map_to_canonical(self, x, ids):
+        c = self._shear(ids).reshape(-1, *([1] * (x.dim() - 2)))
+        return super().map_to_canonical(torch.cat([x[..., :1] + c * x[..., 2:], x[..., 1:]], -1), ids)
+
+    def map_from_canonical(self, u, ids):
+        x = super().map_from_canonical(u, ids)
+        c = self._shear(ids).reshape(-1, *([1] * (x.dim() - 2)))
+        return torch.cat([x[..., :1] - c * x[..., 2:], x[..., 1:]], -1)
+
+    def color_density(self, u, apply_contraction=True):
+        rgb, _ = super().color_density(u, apply_contraction)
+        x, z = u[..., 0], u[..., 2]
+        slab = torch.sigmoid(30 * (z - 0.2)) * torch.sigmoid(30 * (0.6 - z)) * torch.sigmoid(20 * (0.3 - x.abs()))
+        return rgb, 8 * (slab + torch.sigmoid(30 * (z - 1.4))) + 0.02
+
+
+def _model(use_affine=True, k=6, t=4, h=5, w=7):
+    torch.manual_seed(0)
+    return ParallaxModel(num_imgs=t, h=h, w=w, num_samples_ray=k, use_affine=use_affine).double().eval()
+
+
+def _original_pair(model, q, px, j, use_max_loc):
+    """The original's get_correspondences_and_occlusion_masks_for_pixels([q], px[None], [j]),
+    written out step by step: every sample of the query ray mapped to frame j, then the target
+    ray's full K samples for the occlusion score."""
+    x1, _ = model.sample_rays(px[None])
+    u = model.map_to_canonical(x1, [q])
+    x2 = model.map_from_canonical(u, [j])
+    w, _ = composite_alpha(model.color_density(u)[1])
+    if use_max_loc:
+        idx = w.argmax(-1, keepdim=True)
+        x2p = torch.gather(x2, 2, idx[..., None].expand(-1, -1, 1, 3))[:, :, 0]
+    else:
+        x2p = (w[..., None] * x2).sum(-2)
+    px2, depth = model.project(x2p)
+    xs, ds = model.sample_rays(px2)
+    w2, _ = composite_alpha(model.color_density(model.map_to_canonical(xs, [j]))[1])
+    eps = 1.1 * (model.max_depth - model.min_depth) / model.num_samples_ray
+    w2 = torch.where(ds[..., 0] >= depth - eps, torch.zeros_like(w2), w2)
+    return px2[0], w2.sum(-1)[0]
+
+
+@pytest.mark.parametrize("use_max_loc", [True, False])
+@pytest.mark.parametrize("use_affine", [True, False])
+def test_dense_tracks_equal_the_per_pair_path(use_max_loc, use_affine):
+    m = _model(use_affine)
+    qf = 1
+    tracks, occluded, scores = dense_tracks(m, qf, use_max_loc=use_max_loc, occlusion_th=0.5, chunk_size=8)
+    ys, xs = np.mgrid[0:m.h, 0:m.w]
+    px = torch.from_numpy(np.stack([xs.ravel(), ys.ravel()], -1)).double()
+    assert tracks.shape == (m.h * m.w, m.num_imgs, 2) and occluded.shape == scores.shape == (m.h * m.w, m.num_imgs)
+    spread = []
+    with torch.no_grad():
+        for j in range(m.num_imgs):
+            if j == qf:  # the query frame itself: the query pixel, visible (as the original's viz)
+                np.testing.assert_array_equal(tracks[:, j], px.numpy())
+                assert not occluded[:, j].any() and (scores[:, j] == 0).all()
+                continue
+            px2, score = _original_pair(m, qf, px, j, use_max_loc)
+            np.testing.assert_allclose(tracks[:, j], px2.numpy(), atol=1e-4)  # float32 output
+            np.testing.assert_allclose(scores[:, j], score.numpy(), atol=1e-6)
+            np.testing.assert_array_equal(occluded[:, j], score.numpy() > 0.5)
+            spread.append(score.numpy())
+    spread = np.concatenate(spread)
+    assert (spread < 0.1).mean() > 0.1 and (spread > 0.9).mean() > 0.1  # both outcomes occur
+
+
+def test_sparse_tracks_mixed_query_frames_match_dense():
+    m = _model()
+    rng = np.random.default_rng(0)
+    q = np.stack([rng.integers(0, m.num_imgs, 40), rng.integers(0, m.h, 40), rng.integers(0, m.w, 40)], 1)
+    tracks, occluded, scores = track_points(m, q, chunk_size=7)
+    for f in range(m.num_imgs):
+        rows = np.flatnonzero(q[:, 0] == f)
+        if not len(rows):
+            continue
+        dt, do, ds = dense_tracks(m, f)
+        idx = q[rows, 1] * m.w + q[rows, 2]
+        np.testing.assert_allclose(tracks[rows], dt[idx], atol=1e-5)
+        np.testing.assert_array_equal(occluded[rows], do[idx])
+        np.testing.assert_allclose(scores[rows], ds[idx], atol=1e-6)
+        np.testing.assert_array_equal(tracks[rows, f], q[rows][:, [2, 1]])
+
+
+def test_pair_flows_equal_tracks():
+    m = _model()
+    flows = pair_flows(m, [0, 3], [1, 1], chunk_size=50)
+    assert flows.shape == (2, m.h, m.w, 2)
+    ys, xs = np.mgrid[0:m.h, 0:m.w]
+    grid = np.stack([xs, ys], -1).reshape(-1, 2)
+    for n, (i, j) in enumerate([(0, 1), (3, 1)]):
+        tracks, _, _ = dense_tracks(m, i)
+        np.testing.assert_allclose(flows[n].reshape(-1, 2), tracks[:, j] - grid, atol=1e-4)
+
+
+def test_model_mode_restored_and_float32_runs():
+    m = _model().float().train()
+    tracks, occluded, _ = track_points(m, [[0, 1.5, 2.25]])
+    assert m.training and tracks.dtype == np.float32 and occluded.dtype == bool
+    np.testing.assert_array_equal(tracks[0, 0], [2.25, 1.5])
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_save_and_load_sparse(tmp_path, half):
+    m = _model()
+    q = np.array([[0, 2, 3], [3, 4, 6], [1, 0.5, 5.25]])
+    tracks, occluded, scores = track_points(m, q)
+    path = save_tracks(str(tmp_path / "t.npz"), tracks, occluded, q, scores, (m.h, m.w), half=half)
+    got = load_tracks(path)
+    atol = 1e-2 if half else 0
+    np.testing.assert_allclose(got["tracks"], tracks, atol=atol)
+    np.testing.assert_array_equal(got["occluded"], occluded)
+    np.testing.assert_allclose(got["scores"], scores, atol=1e-3 if half else 0)
+    np.testing.assert_array_equal(got["query_points"], q.astype(np.float32))
+    assert tuple(got["image_size"]) == (m.h, m.w) and got["tracks"].dtype == np.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_export_dense_streams_frames_and_rescales(tmp_path, half):
+    m = _model()
+    path = export_dense(m, 1, str(tmp_path / "d.npz"), half=half, scale_to=(2 * m.h, 2 * m.w), progress=False)
+    tracks, occluded, _ = dense_tracks(m, 1)
+    got = load_tracks(path)
+    want = rescale_points(tracks, (m.h, m.w), (2 * m.h, 2 * m.w))
+    np.testing.assert_allclose(got["tracks"], want, atol=2e-2 if half else 1e-4)
+    np.testing.assert_array_equal(got["occluded"], occluded)
+    assert tuple(got["image_size"]) == (2 * m.h, 2 * m.w)
+    np.testing.assert_array_equal(got["query_points"][:, 0], 1)
+    part = load_tracks(path, frames=[3, 0])
+    np.testing.assert_array_equal(part["occluded"], occluded[:, [3, 0]])
+    np.testing.assert_allclose(part["tracks"], got["tracks"][:, [3, 0]])
+    with pytest.raises(IndexError, match="outside"):
+        load_tracks(path, frames=[4])
+
+
+def test_rescale_points_pixel_centres():
+    # pixel centres: x = -0.5 (left edge) and x = w - 0.5 (right edge) map to the new edges
+    out = rescale_points(np.array([[-0.5, -0.5], [9.5, 4.5], [4.5, 2.0]]), (5, 10), (10, 40))
+    np.testing.assert_allclose(out, [[-0.5, -0.5], [39.5, 9.5], [19.5, 4.5]])
+
+
+@pytest.mark.parametrize("q, msg", [
+    (np.zeros((3, 2)), "shape"),
+    (np.array([[0.5, 1, 1]]), "frame index"),
+    (np.array([[5, 1, 1]]), "frame index"),
+    (np.array([[0, 1, 20]]), "outside"),
+    (np.array([[0, np.nan, 1]]), "NaN"),
+    (np.array([["a", "b", "c"]]), "numbers"),
+])
+def test_bad_query_points(q, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        check_query_points(q, 5, 11, 13)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_tracks(str(tmp_path / "none.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_tracks(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a fastomni track file"):
+        load_tracks(str(tmp_path / "other.npz"))
+    with pytest.raises(ValueError, match="shape"):
+        save_tracks(str(tmp_path / "a.npz"), np.zeros((2, 3, 2)), np.zeros((2, 4), bool))
+    with pytest.raises(ValueError, match=".npz"):
+        save_tracks(str(tmp_path / "a.txt"), np.zeros((2, 3, 2)), np.zeros((2, 3), bool))
+    with pytest.raises(ValueError, match="query_points"):
+        save_tracks(str(tmp_path / "a.npz"), np.zeros((2, 3, 2)), np.zeros((2, 3), bool), half=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npz", "other.npz"]
