@@ -18,9 +18,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/cos.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/mm.h>
@@ -31,6 +30,9 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "affine_coupling_checks.h"
+#include "affine_coupling_schema.h"
 
 namespace {
 
@@ -50,48 +52,16 @@ struct Net {
 Net make_net(const Tensor& y, const Tensor& code_bias, const Tensor& proj_w, const Tensor& proj_b,
              const Tensor& in_w, at::TensorList hid_w, at::TensorList hid_b, const Tensor& out_w,
              const Tensor& out_b, const Tensor& sigma, int64_t transformed, double negative_slope) {
-  TORCH_CHECK(y.dim() == 3 && y.size(2) == 3, "affine_coupling: y must be [n, P, 3], got ", y.sizes());
-  TORCH_CHECK(transformed >= 0 && transformed < 3, "affine_coupling: transformed must be 0, 1 or 2, got ",
-              transformed);
-  TORCH_CHECK(negative_slope >= 0, "affine_coupling: negative_slope must be >= 0 (the backward reads the "
-              "LeakyReLU derivative from its output), got ", negative_slope);
-  TORCH_CHECK(sigma.dim() == 1, "affine_coupling: sigma must be [F], got ", sigma.sizes());
-  TORCH_CHECK(hid_w.size() == hid_b.size(), "affine_coupling: ", hid_w.size(), " hidden weights but ",
-              hid_b.size(), " hidden biases");
+  const auto sizes = fastomni::affine_coupling::check_layer(y, code_bias, proj_w, proj_b, in_w, hid_w, hid_b, out_w,
+                                                            out_b, sigma, transformed, negative_slope);
+  TORCH_CHECK(y.device().is_cpu(), "affine_coupling (cpu): tensors must be on the CPU, got ", y.device());
   Net net;
-  net.n_freq = sigma.size(0);
-  net.enc_dim = 2 + 4 * net.n_freq;
-  auto check_linear = [&](const Tensor& w, const Tensor& b, int64_t in, const char* name) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == in, "affine_coupling: ", name, " weight must be [out, ", in,
-                "], got ", w.sizes());
-    TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == w.size(0)), "affine_coupling: ", name,
-                " bias must be [", w.size(0), "], got ", b.sizes());
-  };
-  check_linear(proj_w, proj_b, net.enc_dim, "projection");
-  check_linear(in_w, Tensor(), proj_w.size(0), "input");
-  TORCH_CHECK(code_bias.dim() == 2 && code_bias.size(0) == y.size(0) && code_bias.size(1) == in_w.size(0),
-              "affine_coupling: code_bias must be [n=", y.size(0), ", H0=", in_w.size(0), "], got ",
-              code_bias.sizes());
-  net.widths = {proj_w.size(0), in_w.size(0)};
+  net.n_freq = sizes.n_freq;
+  net.enc_dim = sizes.enc_dim;
+  net.widths = sizes.widths;
   for (size_t l = 0; l < hid_w.size(); ++l) {
-    check_linear(hid_w[l], hid_b[l], net.widths.back(), "hidden");
-    net.widths.push_back(hid_w[l].size(0));
     net.hid_w.push_back(hid_w[l].contiguous());
     net.hid_b.push_back(hid_b[l].contiguous());
-  }
-  check_linear(out_w, out_b, net.widths.back(), "output");
-  TORCH_CHECK(out_w.size(0) == 2, "affine_coupling: the output layer must give (s, t), got ", out_w.size(0),
-              " outputs");
-  for (const Tensor& t : {code_bias, proj_w, proj_b, in_w, out_w, out_b, sigma}) {
-    TORCH_CHECK(t.scalar_type() == y.scalar_type(), "affine_coupling: all tensors must have y's dtype ",
-                y.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK(t.device().is_cpu(), "affine_coupling (cpu): tensors must be on the CPU, got ", t.device());
-  }
-  for (size_t l = 0; l < hid_w.size(); ++l) {
-    TORCH_CHECK(hid_w[l].scalar_type() == y.scalar_type() && hid_b[l].scalar_type() == y.scalar_type(),
-                "affine_coupling: all tensors must have y's dtype ", y.scalar_type());
-    TORCH_CHECK(hid_w[l].device().is_cpu() && hid_b[l].device().is_cpu(),
-                "affine_coupling (cpu): tensors must be on the CPU");
   }
   net.proj_w = proj_w.contiguous();
   net.proj_b = proj_b.contiguous();
@@ -332,9 +302,7 @@ std::vector<Tensor> affine_coupling_bwd(const Tensor& grad_out_in, const Tensor&
                                         int64_t transformed, bool inverse, double negative_slope) {
   const Net net = make_net(y_in, code_bias_in, proj_weight, proj_bias, in_weight, hidden_weights, hidden_biases,
                            out_weight, out_bias, sigma, transformed, negative_slope);
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && grad_out_in.scalar_type() == y_in.scalar_type(),
-              "affine_coupling_bwd: grad_out must match y ", y_in.sizes(), " ", y_in.scalar_type(), ", got ",
-              grad_out_in.sizes(), " ", grad_out_in.scalar_type());
+  fastomni::affine_coupling::check_grad_out(grad_out_in, y_in);
   const Tensor y = y_in.contiguous(), code_bias = code_bias_in.contiguous(), grad_out = grad_out_in.contiguous();
   const int64_t n_frames = y.size(0), n_pts = y.size(1), rows = n_frames * n_pts;
   const size_t n_hidden = net.hid_w.size();
@@ -443,12 +411,8 @@ std::vector<Tensor> affine_coupling_bwd(const Tensor& grad_out_in, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastomni_cpu, m) {
-  m.def("affine_coupling_fwd(Tensor y, Tensor code_bias, Tensor proj_weight, Tensor proj_bias, Tensor in_weight, "
-        "Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor out_weight, Tensor out_bias, Tensor sigma, "
-        "int transformed, bool inverse, float negative_slope) -> Tensor");
-  m.def("affine_coupling_bwd(Tensor grad_out, Tensor y, Tensor code_bias, Tensor proj_weight, Tensor proj_bias, "
-        "Tensor in_weight, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor out_weight, Tensor out_bias, "
-        "Tensor sigma, int transformed, bool inverse, float negative_slope) -> Tensor[]");
+  m.def(fastomni::schema::kAffineCouplingFwd);
+  m.def(fastomni::schema::kAffineCouplingBwd);
 }
 
 TORCH_LIBRARY_IMPL(fastomni_cpu, CPU, m) {

@@ -47,11 +47,11 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kChunk = 1024;     // rows per GEMM: big enough for MKL, small enough for L2/L3
-constexpr int64_t kMinChunk = 64;    // fewer rows per thread: one chunk, threads inside it
-constexpr int64_t kSlotRows = 64;    // rows per block of a fused backward pass
-constexpr int64_t kMaxSlots = 16;    // blocks per chunk (fixed: deterministic sums)
-constexpr int64_t kFwdGrain = 16;    // rows per task of a fused forward pass
+constexpr int64_t kChunk = 1024;       // rows per GEMM: big enough for MKL, small enough for L2/L3
+constexpr int64_t kMinChunk = 64;      // fewer rows per thread: one chunk, threads inside it
+constexpr int64_t kSlotRows = 64;      // rows per block of a fused backward pass
+constexpr int64_t kMaxSlots = 16;      // blocks per chunk (fixed: deterministic sums)
+constexpr int64_t kTaskElems = 16384;  // least [rows x H] work worth waking another thread for
 
 #define FO_INLINE inline __attribute__((always_inline))
 // One clone of each float kernel per x86-64 level, picked at load time (ifunc): the build itself
@@ -81,7 +81,8 @@ FO_INLINE void sincos_fast(float z, float& s, float& c) {
 // bits. Results below 2^-126 (a < -87.34) flush to 0 (< 1.2e-38 from the exact value); a is
 // clamped at 88 above (the envelope's argument is <= 0 up to rounding).
 FO_INLINE float exp_fast(float a) {
-  const float ac = std::min(std::max(a, -87.0f), 88.0f);
+  constexpr float kLow = -87.33654475f;  // ln(2^-126): n >= -126 keeps 2^n a normal float
+  const float ac = std::min(std::max(a, kLow), 88.0f);
   const float n = (ac * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = ac - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -91,7 +92,7 @@ FO_INLINE float exp_fast(float a) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return a < -87.33654475f ? 0.0f : p * scale;
+  return a < kLow ? 0.0f : p * scale;
 }
 
 FO_INLINE void sincos_fast(double z, double& s, double& c) {
@@ -333,7 +334,7 @@ template <typename T>
 void fwd_pass(const FilterParams& p, const T* x, int64_t in, int64_t rows, const T* lin, T* out) {
   const Filter<T> f = view<T>(p);
   const int64_t H = p.weight.size(0);
-  at::parallel_for(0, rows, kFwdGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskElems / H), [&](int64_t r0, int64_t r1) {
     std::vector<T> scratch(2 * H);
     fwd_rows(f, x, in, H, lin, out, r0, r1, scratch.data());
   });

@@ -15,21 +15,24 @@ full-width tile and column chunks of ``BLOCK_N``, each chunk consumed as soon as
         (s, t) += h2_c . Wo[:, c]        row sums, [BM] each
     x_c = (y_c - t) e^{-s}  or  y_c e^{s} + t
 
-Weights are not resident: a layer's fp32 weights (256 KiB at 256 x 256) exceed shared memory, so
-each dot streams its ``[K, BN]`` / ``[BN, N]`` weight tile from L2 (every program reads the same
-weights, so they stay in L2) through shared memory. float32 dots use ``tf32x3`` (three TF32 tensor-
-core products: float32 accuracy), float64 ``ieee``.
+Weights are not resident: a layer's float32 weights (256 KiB at 256 x 256) exceed shared memory,
+so each dot streams its ``[K, BN]`` / ``[BN, N]`` weight tile from L2 (every program reads the same
+weights, so they stay in L2) through shared memory. The full-width tiles (``p``, ``acc1``/``h1``,
+and in the backward ``g_h1``, ``g_p``) are what limits the block: at width 256 the compiles for
+sm_90 allow ``BLOCK_M`` = 16 (see ``_BLOCKS``). float32 dots use ``tf32x3`` (three TF32 tensor-core
+products, float32 accuracy), float64 ``ieee``.
 
 The backward recomputes the forward for its block (keeping ``e``, ``p``, ``h1`` in registers and
 recomputing each chunk ``h0_c``, ``h2_c`` where it is needed), then runs the chain rule in the same
 chunk order. Weight and bias gradients are per-block partial sums (``tl.dot`` over the block's
 points) added to the outputs with atomics (order, hence float rounding, not deterministic).
 
-Bytes per point, float32, ``BLOCK_M`` = 64 forward / 32 backward, PD = H = 256, F = 4:
+Bytes per point, float32, ``BLOCK_M`` = 16, PD = H = 256, F = 4:
 - HBM: forward reads y (12 B), writes x (12 B); backward reads y and grad (24 B), writes grad_y (12 B).
-- L2: forward reads the weights once per program, ~806 KB / 64 = 12.6 KB per point; the backward
-  about 2.5 times the weights per 32 points (~63 KB per point) plus ~800 KB of atomic adds per
-  program (~25 KB per point).
+- L2: the forward reads the weights (~806 KB) once per program, ~50 KB per point; the backward about
+  2.5 times the weights (~126 KB per point) plus ~806 KB of atomic adds per program (~50 KB per
+  point). L2 traffic, not the 0.4 MFLOP per point, bounds these kernels: larger blocks need the
+  full-width activations out of registers (a shared-memory or split-K design).
 """
 from __future__ import annotations
 
@@ -37,10 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["affine_coupling_fwd", "affine_coupling_bwd"]
+__all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "config", "LAUNCH"]
 
-_BLOCK_M_FWD, _BLOCK_M_BWD = 64, 32
-_S_CLAMP = 8.0
+# (BLOCK_M, BLOCK_N) per (kernel, dtype), 8 warps, no software pipelining (num_stages=1: its extra
+# buffers would not fit). Chosen from compiles for sm_90 at width 256 (tests assert the shared
+# memory): float32 forward 96 KiB of shared memory, backward 134 KiB; float64 100 / 116 KiB.
+# Larger blocks exceed the 227 KiB of an SM or spill kilobytes of registers.
+_BLOCKS = {("fwd", torch.float32): (16, 64), ("bwd", torch.float32): (16, 32),
+           ("fwd", torch.float64): (16, 32), ("bwd", torch.float64): (16, 16)}
+LAUNCH = dict(num_warps=8, num_stages=1)
 
 
 @triton.jit
@@ -213,16 +221,17 @@ def _coupling_bwd_kernel(grad_out, y, code_bias, sigma, proj_w, proj_b, in_w, w1
     tl.store(grad_y + base + TRANSFORMED, g * scale, mask=ok)
 
 
-def _config(y: torch.Tensor, proj_weight, in_weight, hidden_weights, sigma, transformed: int, inverse: bool,
-            block_m: int) -> dict:
-    """The kernels' compile-time constants for this layer."""
+def config(kernel: str, dtype: torch.dtype, proj_weight, in_weight, hidden_weights, sigma, transformed: int,
+           inverse: bool) -> dict:
+    """Compile-time constants of ``kernel`` (``'fwd'`` or ``'bwd'``) for this layer."""
     F = sigma.shape[0]
     h0, h1, h2 = in_weight.shape[0], hidden_weights[0].shape[0], hidden_weights[1].shape[0]
     kept = [c for c in range(3) if c != transformed]
+    block_m, block_n = _BLOCKS[kernel, dtype]
     return dict(TRANSFORMED=transformed, K0=kept[0], K1=kept[1], INVERSE=bool(inverse), F=F,
                 ENC_PAD=max(16, triton.next_power_of_2(2 + 4 * F)), PD=proj_weight.shape[0], H0=h0, H1=h1, H2=h2,
-                BLOCK_M=block_m, BLOCK_N=min(64, h0, h2),
-                PRECISION="tf32x3" if y.dtype == torch.float32 else "ieee")
+                BLOCK_M=block_m, BLOCK_N=min(block_n, h0, h2),
+                PRECISION="tf32x3" if dtype == torch.float32 else "ieee")
 
 
 def affine_coupling_fwd(y, code_bias, proj_weight, proj_bias, in_weight, hidden_weights, hidden_biases, out_weight,
@@ -235,9 +244,9 @@ def affine_coupling_fwd(y, code_bias, proj_weight, proj_bias, in_weight, hidden_
                                         hidden_weights[1], hidden_biases[1], out_weight, out_bias)]
     out = torch.empty_like(y)
     if n * P:
-        cfg = _config(y, proj_weight, in_weight, hidden_weights, sigma, transformed, inverse, _BLOCK_M_FWD)
+        cfg = config("fwd", y.dtype, proj_weight, in_weight, hidden_weights, sigma, transformed, inverse)
         _coupling_fwd_kernel[(triton.cdiv(P, cfg["BLOCK_M"]), n)](
-            y, code_bias, sigma.contiguous(), *weights, out, P, float(negative_slope), num_warps=8, **cfg)
+            y, code_bias, sigma.contiguous(), *weights, out, P, float(negative_slope), **LAUNCH, **cfg)
     return out
 
 
@@ -254,9 +263,9 @@ def affine_coupling_bwd(grad_out, y, code_bias, proj_weight, proj_bias, in_weigh
     g_cb = torch.zeros_like(code_bias)
     g_w = [torch.zeros_like(w) for w in weights]  # accumulated with atomics
     if n * P:
-        cfg = _config(y, proj_weight, in_weight, hidden_weights, sigma, transformed, inverse, _BLOCK_M_BWD)
+        cfg = config("bwd", y.dtype, proj_weight, in_weight, hidden_weights, sigma, transformed, inverse)
         _coupling_bwd_kernel[(triton.cdiv(P, cfg["BLOCK_M"]), n)](
             grad_out, y, code_bias, sigma.contiguous(), *weights, grad_y, g_cb, *g_w, P, float(negative_slope),
-            num_warps=8, **cfg)
+            **LAUNCH, **cfg)
     g_pw, g_pb, g_inw, g_w1, g_b1, g_w2, g_b2, g_ow, g_ob = g_w
     return [grad_y, g_cb, g_pw, g_pb, g_inw, g_w1, g_w2, g_b1, g_b2, g_ow, g_ob]

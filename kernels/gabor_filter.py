@@ -32,8 +32,8 @@ float64 uses ``tl.sin``/``tl.cos``.
 
 Bytes moved per point, float32, hidden width H, one layer, counting each [N, H] operand once
 (its re-reads by the ``H / BN`` column programs hit L2): forward reads A (4H) and writes out (4H)
-and, for training, lin (4H): 8H-12H, 4-6 KiB at H = 512 (the reference's eager forward moves ~15
-[N, H] tensors, ~30 KiB). Backward reads the matmul operand (4H) and lin (4H) and writes dlin and
+and, for training, lin (4H): 8H-12H, 4-6 KiB at H = 512 (the reference's eager forward makes ~25
+reads and writes of [N, H] tensors a layer, ~50 KiB). Backward reads the matmul operand (4H) and lin (4H) and writes dlin and
 h (8H): 16H = 8 KiB, plus ``4 IN H / BN`` of row partials.
 """
 from __future__ import annotations

@@ -6,7 +6,11 @@ The test layer has distinct widths (Pd=16, H0=32, hidden 64 and 16: powers of tw
 kernels require) so that no size is confused with another, and its ``s`` output is scaled so that part of the points hit the clamp at +-8."""
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +50,14 @@ def _leaves(args: list) -> list:
     return [*args[:5], *args[5], *args[6], args[7], args[8]]
 
 
+def _assert_grads_close(got, want, dtype) -> None:
+    for i, (a, b) in enumerate(zip(got, want)):
+        # weight gradients sum over every point: compare relative to their scale
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, atol=TOLERANCES[dtype]["atol"] * max(1.0, scale),
+                                   rtol=TOLERANCES[dtype]["rtol"], msg=lambda m: f"gradient {i}: {m}")
+
+
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -62,13 +74,8 @@ def test_matches_reference(backend, dtype, shape, inverse):
         got = affine_coupling(*args, transformed, inverse)
     torch.testing.assert_close(got, want, **TOLERANCES[dtype])
     grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(want)
-    want_g = torch.autograd.grad(want, _leaves(args), grad)
-    got_g = torch.autograd.grad(got, _leaves(args), grad)
-    for i, (a, b) in enumerate(zip(got_g, want_g)):
-        # weight gradients sum over every point: compare relative to their scale
-        scale = b.abs().max().item() if b.numel() else 0.0
-        torch.testing.assert_close(a, b, atol=TOLERANCES[dtype]["atol"] * max(1.0, scale),
-                                   rtol=TOLERANCES[dtype]["rtol"], msg=lambda m: f"gradient {i}: {m}")
+    _assert_grads_close(torch.autograd.grad(got, _leaves(args), grad), torch.autograd.grad(want, _leaves(args), grad),
+                        dtype)
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
@@ -236,21 +243,69 @@ def test_nvp_other_configurations_keep_module_path(kw):
     torch.testing.assert_close(back, x, **TOLERANCES[torch.float64])
 
 
+@pytest.fixture(scope="module")
+def cuda_emulation(tmp_path_factory):
+    """The CUDA kernels compiled as plain C++, one thread per block (tests/affine_coupling_cuda_emulation.cpp);
+    nvcc compiles it as host code (``-x c++``) so that the CUDA headers are found."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc (the CUDA toolkit) is not installed")
+    here = Path(__file__).resolve().parent
+    lib = tmp_path_factory.mktemp("cuda_emulation") / "affine_coupling_cuda_emulation.so"
+    subprocess.run([nvcc, "-x", "c++", "-std=c++20", "-O1", "-shared", "-Xcompiler", "-fPIC", "-w",
+                    "-I", str(here.parent / "csrc"), str(here / "affine_coupling_cuda_emulation.cpp"), "-o", str(lib)],
+                   check=True)
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37)], ids=str)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_cuda_kernels_emulated_match_reference(cuda_emulation, dtype, shape, inverse):
+    """The CUDA kernels' indexing and math (not their synchronisation, which needs a GPU)."""
+    n, P = shape
+    args = _layer(n, P, dtype, "cpu", seed=8)
+    y, code_bias, proj_w, proj_b, in_w, hidden_w, hidden_b, out_w, out_b, sigma = args
+    transformed = P % 3
+    weights = [proj_w, proj_b, in_w, hidden_w[0], hidden_b[0], hidden_w[1], hidden_b[1], out_w, out_b, sigma]
+    sizes = (ctypes.c_int64 * 9)(n, P, N_FREQ, PD, H0, *HIDDEN, transformed, int(inverse))
+
+    def ptrs(ts):
+        return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+    is_double, slope = int(dtype == torch.float64), ctypes.c_double(0.01)
+    out = torch.empty_like(y)
+    cuda_emulation.emulate_fwd(is_double, ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(code_bias.data_ptr()),
+                               ptrs(weights), sizes, slope, ctypes.c_void_p(out.data_ptr()))
+    torch.testing.assert_close(out, ref.affine_coupling(*args, transformed, inverse), **TOLERANCES[dtype])
+
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
+    # the kernel's gradient order: y, code_bias, proj_w, proj_b, in_w, w1, b1, w2, b2, out_w, out_b
+    got = [torch.empty_like(y)] + [torch.zeros_like(t) for t in [code_bias, proj_w, proj_b, in_w, hidden_w[0],
+                                                                  hidden_b[0], hidden_w[1], hidden_b[1], out_w, out_b]]
+    cuda_emulation.emulate_bwd(is_double, ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+                               ctypes.c_void_p(code_bias.data_ptr()), ptrs(weights), sizes, slope, ptrs(got))
+    g = ref.affine_coupling_bwd_ref(grad, *args, transformed, inverse)
+    _assert_grads_close(got, [*g[:5], g[5][0], g[6][0], g[5][1], g[6][1], g[7], g[8]], dtype)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
-@pytest.mark.parametrize("kernel", ["_coupling_fwd_kernel", "_coupling_bwd_kernel"])
-@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_compiles_for_sm90(kernel, dtype):
-    """A real compile to PTX and cubin for sm_90 at OmniMotion's widths (no GPU needed)."""
+    """A real compile to PTX and cubin for sm_90 at OmniMotion's widths (no GPU needed), within the
+    227 KiB of shared memory an H100 block can have (more compiles, then fails at launch)."""
     triton = pytest.importorskip("triton", reason="triton is not installed")
     from fastomni.kernels import affine_coupling as kernels
     from triton.backends.compiler import GPUTarget
 
-    fn = getattr(kernels, kernel)
+    fn = getattr(kernels, f"_coupling_{kernel}_kernel")
     w = torch.empty(256, 256)
-    cfg = kernels._config(torch.empty(0, dtype=getattr(torch, {"fp32": "float32", "fp64": "float64"}[dtype])),
-                          w[:, :18], w, [w, w], torch.empty(4), transformed=1, inverse=False, block_m=32)
-    signature = {name: "constexpr" if name in cfg else "i32" if name == "P" else dtype if name == "slope"
-                 else f"*{dtype}" for name in fn.arg_names}
+    cfg = kernels.config(kernel, dtype, w[:, :18], w, [w, w], torch.empty(4), transformed=1, inverse=False)
+    ty = {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    signature = {name: "constexpr" if name in cfg else "i32" if name == "P" else ty if name == "slope" else f"*{ty}"
+                 for name in fn.arg_names}
     compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=cfg),
-                              target=GPUTarget("cuda", 90, 32))
+                              target=GPUTarget("cuda", 90, 32), options=kernels.LAUNCH)
     assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
+    assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared

@@ -251,8 +251,8 @@ def test_gabornet_module(backend, bias, output_act):
     _assert_grads_close(got_g, want_g, torch.float32, [n for n, _ in net.named_parameters()])
 
 
-def test_no_grad_saves_nothing():
-    """Inference keeps no [L, N, H] lins; training with recompute neither."""
+def test_save_lin_flag():
+    """lins [L, N, H] are kept only when asked (training without recompute)."""
     backend_device(OP, "cpu")
     params = _net_params(6, 3, 8, 3, 2, True, torch.float32, "cpu")
     assert gabor_net_op(*params, False, "cpu")[1].shape == (0, 6, 8)

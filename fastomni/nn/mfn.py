@@ -19,7 +19,8 @@ __all__ = ["GaborLayer", "GaborNet"]
 
 
 class GaborLayer(nn.Module):
-    """Gabor filter bank ``in_features -> out_features`` (see :func:`gabor_filter`)."""
+    """Gabor filter bank ``in_features -> out_features``:
+    ``sin(x W^T + b) * exp(-0.5 * gamma * ||x - mu||^2)`` (:func:`fastomni.ops.gabor_filter.gabor_step`)."""
 
     def __init__(self, in_features: int, out_features: int, weight_scale: float, alpha: float = 1.0,
                  beta: float = 1.0):

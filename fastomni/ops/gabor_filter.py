@@ -169,6 +169,7 @@ def _(grad_out, x, filter_weight, filter_bias, mu, gamma, lin_weight, lin_bias, 
 def _net_setup(ctx, inputs, output):
     x, fw, fb, mu, gamma, lw, lb, ow, ob, save_lin, backend = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient as large as lins
     ctx.save_for_backward(x, *fw, *fb, *mu, *gamma, *lw, *lb, ow, ob, output[1])
     ctx.sizes = (len(fw), len(lw), len(lb))
     ctx.backend = backend
@@ -176,6 +177,8 @@ def _net_setup(ctx, inputs, output):
 
 def _net_backward(ctx, grad_out, _grad_lins):
     n_f, n_l, n_b = ctx.sizes
+    if grad_out is None:  # an undefined output gradient (not materialised): no input gradients
+        return (None, *([None] * n for n in (n_f, n_f, n_f, n_f, n_l, n_b)), None, None, None, None)
     x, *rest = ctx.saved_tensors
     lists, at = [], 0
     for n in (n_f, n_f, n_f, n_f, n_l, n_b):
