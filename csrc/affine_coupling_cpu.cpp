@@ -38,7 +38,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kBlock = 256;  // rows per GEMM: activations of a block (~1.5 MiB) stay in L2
+constexpr int64_t kBlock = 256;  // rows per GEMM (MKL near peak); 128 and 512 measured no faster
 constexpr double kSClamp = 8.0;
 
 // The layer's weights, contiguous, and its sizes.
