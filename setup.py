@@ -89,7 +89,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "av"],
+        "test": ["pytest", "pytest-benchmark", "av", "triton==3.8.0"],
         "triton": ["triton==3.8.0"],
         "video": ["av"],
     },

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 
@@ -245,9 +244,7 @@ def _atomic_npz(path: str):
         raise FileNotFoundError(f"output folder {folder} does not exist")
     if not path.endswith(".npz"):
         raise ValueError(f"track files are .npz; {path} does not end in .npz")
-    fd, tmp = tempfile.mkstemp(prefix=".tracks_", suffix=".npz.tmp", dir=folder)
-    os.close(fd)
-    return tmp
+    return os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # default permissions
 
 
 def _write_entry(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import cv2
 import numpy as np
@@ -262,11 +261,12 @@ class PairSampler:
         self.cache_step = step
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".error_cache_", suffix=".npz", dir=folder)
+            path = error_cache_path(folder, step)
+            tmp = f"{path}.{os.getpid()}.tmp"
             try:
-                with os.fdopen(fd, "wb") as f:
+                with open(tmp, "wb") as f:
                     np.savez(f, error_maps=self.error_maps, frame_errors=self.frame_errors, step=step)
-                os.replace(tmp, error_cache_path(folder, step))
+                os.replace(tmp, path)
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
