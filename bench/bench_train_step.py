@@ -35,20 +35,22 @@ def _losses(backend):
     model, _, _, batch = _setup()
     with use_backend(backend):
         loss, terms, _ = compute_losses(model, batch, step=1000, generator=torch.Generator().manual_seed(1))
-    return float(loss), {k: float(v) for k, v in terms.items()}
+    return float(loss.detach()), {k: float(v) for k, v in terms.items()}
 
 
 def _peak_rss_mib(backend: str, steps: int = 2) -> float:
-    """Peak RSS of a fresh process running ``steps`` training steps on ``backend``."""
+    """Peak RSS of a fresh process running ``steps`` training steps on ``backend``: VmHWM, which
+    starts afresh at exec (ru_maxrss would inherit this process's high-water mark through fork)."""
     code = (
-        "import resource, sys, torch, json;"
+        "import sys, torch, json;"
         "sys.path.insert(0, 'bench');"
         "from bench_train_step import _setup, training_step, use_backend;"
         "m, o, s, b = _setup();"
         f"ctx = use_backend({backend!r});"
         "ctx.__enter__();"
         f"[training_step(m, o, s, b, i) for i in range({steps})];"
-        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
+        "print(json.dumps(int(hwm.split()[1]) / 1024))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
