@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastomni", description="Track every pixel through a video (OmniMotion).",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:4]))
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; demo: 1, robust on a shared CPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, func, help, **kw):
@@ -294,14 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name = f"fastomni {args.command}"
+    threads = 1 if args.threads is None and args.command == "demo" else args.threads
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            import torch
+        if threads is None:
+            return args.func(args)
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
 
-            torch.set_num_threads(args.threads)
-        return args.func(args)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return args.func(args)
+        finally:
+            torch.set_num_threads(previous)  # main() called in-process leaves no trace
     except KeyboardInterrupt as exc:
         print(f"{name}: {exc or 'interrupted'}", file=sys.stderr)
         return 130

@@ -155,3 +155,12 @@ def test_parser_lists_config_options():
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for key in ("--num_iters", "--use_affine", "--i_weight", "--occlusion_th", "--preset", "--config"):
         assert key in help_text
+
+
+def test_threads_flag_is_scoped_to_the_command(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    assert main(["--threads", str(before + 1), "synth", "--out", str(tmp_path / "s"), "--num_frames", "2",
+                 "--size", "16", "--num_points", "1"]) == 0
+    assert torch.get_num_threads() == before
