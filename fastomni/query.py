@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fastomni._nvtx import annotate
 from fastomni.nn.model import OmniMotion
 from fastomni.reference.composite import composite_alpha, composite_values, occlusion_score, select_max_weight
 
@@ -172,10 +173,13 @@ def iter_tracks(model: OmniMotion, query_points, use_max_loc: bool = True, occlu
         dev, dt = _device(model), _dtype(model)
         frames = q[:, 0].astype(np.int64)
         px = torch.from_numpy(q[:, [2, 1]]).to(dev, dt)
-        rays = _QueryRays(model, frames, px, use_max_loc, chunk_size)
+        with annotate("query.canonical"):
+            rays = _QueryRays(model, frames, px, use_max_loc, chunk_size)
         for j in tqdm(range(model.num_imgs), desc="track", unit="frame", disable=not progress):
-            px2, depth = rays.to_frame(model, j, chunk_size)
-            scores = _occlusion_scores(model, j, px2, depth, chunk_size)
+            with annotate("query.to_frame"):
+                px2, depth = rays.to_frame(model, j, chunk_size)
+            with annotate("query.occlusion"):
+                scores = _occlusion_scores(model, j, px2, depth, chunk_size)
             xy = px2.float().cpu().numpy()
             sc = scores.float().cpu().numpy()
             own = frames == j

@@ -42,3 +42,15 @@ def test_training_phases_are_annotated(recorder):
     training_step(m, opt, sched, synthetic_batch(m, 2, 4), step=0)
     for phase in ("train.sample", "train.map", "train.render", "train.losses", "train.backward", "train.optimizer"):
         assert phase in recorder.names, phase
+
+
+def test_ops_and_dense_query_are_annotated(recorder):
+    from fastomni.query import track_points
+
+    torch.manual_seed(0)
+    m = OmniMotion(num_imgs=3, h=6, w=6, num_samples_ray=3)
+    track_points(m, [[0, 2.0, 3.0]])
+    for name in ("query.canonical", "query.to_frame", "query.occlusion"):
+        assert name in recorder.names, name
+    assert any(n.startswith("affine_coupling") for n in recorder.names), recorder.names
+    assert any(n.startswith("gabor_filter") for n in recorder.names), recorder.names
