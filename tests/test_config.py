@@ -17,7 +17,7 @@ from fastomni.config import (
 
 # The original's configs/default.txt, as shipped (a machine path in data_dir included).
 ORIGINAL_DEFAULT_TXT = """expname = default
-data_dir = /home/qw246/data/davis/lab-coat  # specify the sequence directory
+data_dir = data/davis/lab-coat  # specify the sequence directory
 
 # training
 num_pairs = 8
@@ -34,7 +34,7 @@ vis_occlusion = True
 
 def test_original_default_txt_gives_the_original_preset():
     cfg = parse_config_text(ORIGINAL_DEFAULT_TXT)
-    assert cfg.data_dir == "/home/qw246/data/davis/lab-coat" and cfg.expname == "default"
+    assert cfg.data_dir == "data/davis/lab-coat" and cfg.expname == "default"
     assert dataclasses.replace(cfg, data_dir="", expname="") == preset("original")
 
 
