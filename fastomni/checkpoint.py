@@ -92,6 +92,9 @@ def save_checkpoint(folder: str, step: int, model: nn.Module, optimizer=None, sc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
