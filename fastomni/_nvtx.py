@@ -1,6 +1,6 @@
 """NVTX ranges for Nsight Systems, through the ``nvtx`` package (a no-op without a GPU).
 
-Never ``torch.cuda.nvtx``: it raises on CPU builds of torch. Ranges go inside op bodies (custom
+Never torch's own CUDA NVTX wrapper: it raises on CPU builds of torch. Ranges go inside op bodies (custom
 op implementations), so ``torch.compile(fullgraph=True)`` never traces them.
 """
 from __future__ import annotations
