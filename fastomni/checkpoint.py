@@ -9,10 +9,11 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
 
 import torch
 from torch import nn
+
+from fastomni._atomic import atomic_output
 
 __all__ = ["load_deform_state", "load_checkpoint", "save_checkpoint", "latest_checkpoint", "checkpoint_step"]
 
@@ -88,16 +89,6 @@ def save_checkpoint(folder: str, step: int, model: nn.Module, optimizer=None, sc
     state["step"] = step
     state.update(extra)
     path = os.path.join(folder, f"model_{step:06d}.pth")
-    fd, tmp = tempfile.mkstemp(prefix=".model_", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
     return path

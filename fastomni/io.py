@@ -17,16 +17,15 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
-from collections.abc import Iterator
 from fractions import Fraction
 
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from fastomni._atomic import atomic_output
 
 __all__ = ["load_video", "write_frames", "write_video", "check_frames", "atomic_output", "frame_name",
            "frame_files", "VIDEO_EXTS", "IMAGE_EXTS"]
@@ -60,23 +59,6 @@ def check_frames(frames, name: str = "frames", min_frames: int = 1) -> np.ndarra
     if frames.shape[0] < min_frames:
         raise ValueError(f"{name} has {frames.shape[0]} frames, need at least {min_frames}")
     return np.ascontiguousarray(frames)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path`` (same extension); on success rename it to ``path``,
-    on error delete it. The folder must exist."""
-    folder = os.path.dirname(os.path.abspath(path))
-    stem, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def _natural_key(name: str):

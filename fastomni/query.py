@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fastomni._atomic import atomic_output
 from fastomni._nvtx import annotate
 from fastomni.nn.model import OmniMotion
 from fastomni.reference.composite import composite_alpha, composite_values, occlusion_score, select_max_weight
@@ -242,13 +243,12 @@ def pair_flows(model: OmniMotion, ids1, ids2, use_max_loc: bool = True, chunk_si
 
 
 # -- files ------------------------------------------------------------------------------------------
-def _atomic_npz(path: str):
+def _check_npz_path(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder} does not exist")
     if not path.endswith(".npz"):
         raise ValueError(f"track files are .npz; {path} does not end in .npz")
-    return os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # default permissions
 
 
 def _write_entry(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
@@ -285,8 +285,8 @@ def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, ima
     tracks, occluded = _check_tracks(tracks, occluded, scores, query_points)
     if half and query_points is None:
         raise ValueError("half=True stores displacements from the query points: pass query_points")
-    tmp = _atomic_npz(path)
-    try:
+    _check_npz_path(path)
+    with atomic_output(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             start = None if query_points is None else np.asarray(query_points, np.float64)[:, None, [2, 1]]
             _write_entry(zf, "tracks", _stored_xy(tracks, start, half))
@@ -298,11 +298,6 @@ def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, ima
                 _write_entry(zf, "query_points", np.asarray(query_points, np.float32))
             if image_size is not None:
                 _write_entry(zf, "image_size", np.asarray(image_size, np.int64))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -321,8 +316,8 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
         out_q[:, [2, 1]] = rescale_points(queries[:, [2, 1]], size, scale_to)
         size = tuple(scale_to)
     start = out_q[:, [2, 1]]
-    tmp = _atomic_npz(path)
-    try:
+    _check_npz_path(path)
+    with atomic_output(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             _write_entry(zf, "query_points", out_q.astype(np.float32))
             _write_entry(zf, "image_size", np.asarray(size, np.int64))
@@ -334,11 +329,6 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
                 _write_entry(zf, f"tracks_{j:05d}", _stored_xy(xy, start, half))
                 _write_entry(zf, f"occluded_{j:05d}", occ)
                 _write_entry(zf, f"scores_{j:05d}", sc.astype(np.float16 if half else np.float32))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
