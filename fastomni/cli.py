@@ -9,6 +9,7 @@ Subcommands::
     fastomni viz TRACKS.npz --video VIDEO --out X  trails (.mp4) or trajectories (.png)
     fastomni eval TRACKS.npz --gt GT.npz           TAP-Vid metrics, query-first and strided
     fastomni synth --out DIR                       a synthetic clip with ground truth
+    fastomni tapvid PKL --video NAME --out DIR     a TAP-Vid video: frames, queries.npy, gt.npz
     fastomni demo --out DIR                        synth -> track -> eval against chained flow
 
 Options of the optimization (``train``, ``track``, ``demo``) are the original's config keys
@@ -201,6 +202,28 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_tapvid(args) -> int:
+    from fastomni._atomic import atomic_output
+    from fastomni.synthetic import write_synthetic
+    from fastomni.tapvid import load_tapvid, tapvid_names
+
+    if args.video is None:
+        print("\n".join(tapvid_names(args.pkl)))
+        return 0
+    if args.out is None:
+        raise ValueError("tapvid: --out is required with --video")
+    video = load_tapvid(args.pkl, args.video, args.query_mode)
+    write_synthetic(video, args.out)
+    with atomic_output(os.path.join(args.out, "queries.npy")) as tmp:
+        np.save(tmp, video.query_points)
+    out = args.out
+    print(f"{out}: {video.frames.shape[0]} frames of {video.frames.shape[2]}x{video.frames.shape[1]}, "
+          f"{len(video.query_points)} queries ({args.query_mode})\n"
+          f"next: fastomni track {out}/video.mp4 --queries {out}/queries.npy --out {out}/run\n"
+          f"      fastomni eval {out}/run/tracks.npz --gt {out}/gt.npz --query_mode {args.query_mode}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from fastomni.demo import format_table, run_demo
 
@@ -279,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="frame height and width")
     p.add_argument("--num_points", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+
+    p = command("tapvid", _cmd_tapvid, "extract a TAP-Vid video (frames, queries.npy, gt.npz) from its pickle")
+    p.add_argument("pkl", help="TAP-Vid pickle (tapvid_davis.pkl, ...); only open files you trust")
+    p.add_argument("--video", default=None, help="video name (or list index); without it, list the names")
+    p.add_argument("--out", default=None, help="output folder (required with --video)")
+    p.add_argument("--query_mode", choices=("first", "strided"), default="first",
+                   help="TAP-Vid's query sampling: first visible frame, or every 5th visible frame")
 
     p = command("demo", _cmd_demo, "synthetic clip -> OmniMotion tracks -> metrics beside chained flow, trails mp4")
     p.add_argument("--out", required=True)

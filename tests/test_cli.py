@@ -13,7 +13,7 @@ from fastomni.synthetic import make_video, write_synthetic
 
 TINY = ["--preset", "cpu", "--num_iters", "2", "--num_pairs", "2", "--num_pts", "8", "--num_samples_ray", "4",
         "--i_weight", "1", "--i_print", "1", "--chunk_size", "256", "--quiet"]
-COMMANDS = ("preprocess", "train", "track", "export", "viz", "eval", "synth", "demo")
+COMMANDS = ("preprocess", "train", "track", "export", "viz", "eval", "synth", "tapvid", "demo")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
