@@ -48,7 +48,7 @@ from tqdm import tqdm
 from fastomni._atomic import atomic_output
 from fastomni._nvtx import annotate
 from fastomni.nn.model import OmniMotion
-from fastomni.reference.composite import composite_alpha, composite_values, occlusion_score, select_max_weight
+from fastomni.ops.composite import composite
 
 __all__ = [
     "check_query_points",
@@ -106,31 +106,31 @@ def rescale_points(xy: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, i
 
 
 class _QueryRays:
-    """Canonical samples of query rays: per query ``u [N, S, 3]`` and weights ``w [N, S]`` (S = 1,
-    the largest-weight sample, with ``use_max_loc``; else all K samples)."""
+    """Canonical samples of query rays: per query ``u [N, S, 3]`` (S = 1, the largest-weight
+    sample, with ``use_max_loc``; else all K samples and their densities ``density [N, K]``)."""
 
     def __init__(self, model: OmniMotion, frames: np.ndarray, px: Tensor, use_max_loc: bool, chunk: int):
         self.use_max_loc = use_max_loc
         s = 1 if use_max_loc else model.num_samples_ray
         self.u = px.new_empty(len(px), s, 3)
-        self.w = None if use_max_loc else px.new_empty(len(px), s)
+        self.density = None if use_max_loc else px.new_empty(len(px), s)
         for f in np.unique(frames):
             rows = torch.from_numpy(np.flatnonzero(frames == f)).to(px.device)
             for part in rows.split(chunk):
                 x, _ = model.sample_rays(px[part][None])
                 u = model.map_to_canonical(x, [int(f)])[0]  # [P, K, 3]
-                w, _ = composite_alpha(model.color_density(u)[1])  # [P, K]
+                density = model.color_density(u)[1]  # [P, K]
                 if use_max_loc:
-                    self.u[part] = select_max_weight(w, u)[:, None]
+                    self.u[part] = composite(density, points=u, select_max=True).point[:, None]
                 else:
-                    self.u[part], self.w[part] = u, w
+                    self.u[part], self.density[part] = u, density
 
     def to_frame(self, model: OmniMotion, j: int, chunk: int) -> tuple[Tensor, Tensor]:
         """Predicted pixels ``[N, 2]`` and depths ``[N, 1]`` in frame ``j``."""
         out = []
         for rows in torch.arange(len(self.u), device=self.u.device).split(chunk):
             x2 = model.map_from_canonical(self.u[rows][None], [j])[0]  # [P, S, 3]
-            x2 = x2[:, 0] if self.use_max_loc else composite_values(self.w[rows], x2)
+            x2 = x2[:, 0] if self.use_max_loc else composite(self.density[rows], points=x2).point
             out.append(x2)
         return model.project(torch.cat(out))
 
@@ -150,8 +150,7 @@ def _occlusion_scores(model: OmniMotion, j: int, px2: Tensor, depth: Tensor, chu
         if bool(front.any()):
             u = model.map_to_canonical(x[front][None], [j])
             density[front] = model.color_density(u)[1][0]
-        weights, _ = composite_alpha(density)
-        score = occlusion_score(weights, d, depth[rows], eps)[:, 0]
+        score = composite(density, mask=d < depth[rows] - eps).opacity[:, 0]
         scores.append(torch.where(finite, score, torch.nan))  # a diverged model's point: no score
     return torch.cat(scores)
 
