@@ -2,7 +2,7 @@
 ``tapvid_kinetics`` shards) as fastomni inputs: frames, query points and ground truth.
 
 A TAP-Vid pickle holds a dict ``{name: entry}`` (DAVIS, RGB-Stacking) or a list of entries
-(Kinetics); an entry has ``video`` (``[T, H, W, 3]`` uint8, or a list of JPEG-encoded frames),
+(Kinetics); an entry has ``video`` (``[T, H, W, 3]`` uint8, or a list of frames or of JPEG bytes),
 ``points`` ``[N, T, 2]`` normalized (x, y) and ``occluded`` ``[N, T]`` bool. Queries are sampled as
 TAP-Vid's evaluation does: ``first``, each point at its first visible frame; ``strided``, each
 point at every 5th frame where it is visible (one row per query, the point's track repeated).
@@ -58,6 +58,8 @@ def tapvid_names(path: str) -> list[str]:
 def _decode(video, name: str) -> np.ndarray:
     if isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.ndim == 4:
         return check_frames(np.ascontiguousarray(video), f"video {name!r}", min_frames=2)
+    if isinstance(video, (list, tuple)) and video and all(isinstance(f, np.ndarray) and f.ndim == 3 for f in video):
+        return _decode(np.stack(video), name)  # decoded frames in a list
     if isinstance(video, (list, tuple)) and video and isinstance(video[0], (bytes, bytearray, np.ndarray)):
         frames = []
         for k, item in enumerate(video):

@@ -97,3 +97,12 @@ def test_errors_name_the_problem(davis_pkl, tmp_path, capsys):
     assert main(["tapvid", davis_pkl, "--video", "bear"]) == 1
     assert "--out is required" in capsys.readouterr().err
     assert not any(tmp_path.glob("bear*"))
+
+
+def test_list_of_decoded_frames(tmp_path):
+    entry = _entry(3)
+    frames = entry["video"]
+    entry["video"] = list(frames)
+    with open(tmp_path / "frames.pkl", "wb") as f:
+        pickle.dump({"v": entry}, f)
+    np.testing.assert_array_equal(load_tapvid(str(tmp_path / "frames.pkl"), "v").frames, frames)
