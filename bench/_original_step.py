@@ -5,7 +5,7 @@ the frame code enters the first coupling linear as a per-frame bias (the origina
 code to every point, a ``[n*P*K, 128 + 256]`` input per layer), and the smoothness term reuses the
 canonical points of the main term (the original maps those points forward again). Inside
 :func:`original_formulation` both are undone, on the reference backend, so the step does the
-original's work with the original's memory traffic while computing the same losses.
+original's work (and holds its per-point code copies) while computing the same losses.
 """
 from __future__ import annotations
 

@@ -81,14 +81,15 @@ def _peak_rss_mib(provider: str, steps: int = 2) -> float:
 def test_train_step(benchmark, provider):
     peak = _peak_rss_mib(provider)  # first, while this process holds little memory
     if provider != "reference":
-        ref_loss, ref_terms = _losses("reference")
-        loss, terms = _losses(provider)
+        _, ref_terms = _losses("reference")
+        _, terms = _losses(provider)
         for k in ref_terms:
             assert abs(terms[k] - ref_terms[k]) <= 1e-4 * max(1.0, abs(ref_terms[k])), (k, terms[k], ref_terms[k])
     model, opt, sched, batch = _setup()
     with provider_context(provider):
         step = iter(range(10**6))
-        benchmark.pedantic(lambda: training_step(model, opt, sched, batch, next(step)), rounds=(2 if provider == "original" else 3) if not SMALL else 5,
+        rounds = 5 if SMALL else 2 if provider == "original" else 3
+        benchmark.pedantic(lambda: training_step(model, opt, sched, batch, next(step)), rounds=rounds,
                            iterations=1, warmup_rounds=1)
     # the original's step is 2.44 TFLOP at the default size (SPEC.md); fastomni does less work
     # (no repeated smoothness mapping, per-frame code bias), so this is original-equivalent GFLOP/s
