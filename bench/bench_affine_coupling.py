@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import device_for, sync
+from _backends import MODES, device_for, fwd_bwd, sync
 
 from fastomni.nn import NVPSimplified
 from fastomni.ops import use_backend
@@ -42,7 +42,7 @@ def _leaves(args: list) -> list:
     return [*args[:5], *args[5], *args[6], args[7], args[8]]
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_affine_coupling(benchmark, backend, size, mode):
@@ -56,24 +56,7 @@ def test_affine_coupling(benchmark, backend, size, mode):
         return affine_coupling(*args, 1, False)
 
     with use_backend(backend):
-        if mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    forward()
-                sync(device)
-        elif mode == "bwd":
-            out = forward()
-            grad = torch.ones_like(out)
-
-            def run():
-                torch.autograd.grad(out, leaves, grad, retain_graph=True)
-                sync(device)
-        else:
-            def run():
-                out = forward()
-                torch.autograd.grad(out, leaves, torch.ones_like(out))
-                sync(device)
-        benchmark(run)
+        benchmark(fwd_bwd(mode, forward, leaves, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

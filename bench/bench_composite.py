@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import device_for, sync
+from _backends import MODES, device_for, fwd_bwd
 
 from fastomni.ops import use_backend
 from fastomni.ops.composite import composite
@@ -18,7 +18,7 @@ SIZES = {"train_8x256x32": ((8, 256), 32, False), "dense_128x128x32": ((128, 128
 BACKENDS = ["reference", "cpu", "triton", "cuda"]
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_composite(benchmark, backend, size, mode):
@@ -38,19 +38,4 @@ def test_composite(benchmark, backend, size, mode):
         return out.rgb.sum() + out.point.sum() + out.weights.square().sum()
 
     with use_backend(backend):
-        if mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    forward()
-                sync(device)
-        elif mode == "bwd":
-            total = loss(forward())
-
-            def run():
-                torch.autograd.grad(total, (density, colors, points), retain_graph=True)
-                sync(device)
-        else:
-            def run():
-                torch.autograd.grad(loss(forward()), (density, colors, points))
-                sync(device)
-        benchmark(run)
+        benchmark(fwd_bwd(mode, forward, (density, colors, points), device, loss=loss))

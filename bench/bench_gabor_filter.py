@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _backends import device_for, sync
+from _backends import MODES, device_for, fwd_bwd
 from fastomni.ops import use_backend
 from fastomni.ops.gabor_filter import gabor_net
 from fastomni.reference import gabor_filter as ref
@@ -64,7 +64,7 @@ def _device(provider: str) -> str:
     return device_for("gabor_filter", "reference" if backend == "reference-compiled" else backend)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_gabor_net(benchmark, provider, size, mode):
@@ -74,21 +74,7 @@ def test_gabor_net(benchmark, provider, size, mode):
     grad = torch.randn(SIZES[size][0], SIZES[size][3], generator=torch.Generator().manual_seed(1)).to(device)
     benchmark.extra_info.update(provider=provider, backend=backend, shape=str(SIZES[size]), mode=mode)
     with use_backend(backend):
-        if mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    forward(x, params)
-                sync(device)
-        elif mode == "bwd":
-            out = forward(x, params)
-
-            def run():
-                torch.autograd.grad(out, leaves, grad, retain_graph=True)
-                sync(device)
-        else:
-            def run():
-                torch.autograd.grad(forward(x, params), leaves, grad)
-                sync(device)
+        run = fwd_bwd(mode, lambda: forward(x, params), leaves, device, grad=grad)
         run()  # warm-up: torch.compile compiles here, kernels load
         big = SIZES[size][0] >= 65536
         benchmark.pedantic(run, rounds=3 if big else 10, iterations=1, warmup_rounds=0 if big else 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import device_for, sync
+from _backends import MODES, device_for, fwd_bwd
 
 from fastomni.ops import use_backend
 from fastomni.ops.stratified_sample import stratified_sample
@@ -18,7 +18,7 @@ BACKENDS = ["reference", "cpu", "triton", "cuda"]
 H, W = 270, 480
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stratified_sample(benchmark, backend, size, mode):
@@ -32,21 +32,4 @@ def test_stratified_sample(benchmark, backend, size, mode):
         return stratified_sample(px, H, W, K, 0.0, 2.0, det=not jitter, generator=gen)[0]
 
     with use_backend(backend):
-        if mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    forward()
-                sync(device)
-        elif mode == "bwd":
-            pts = forward()
-            grad = torch.ones_like(pts)
-
-            def run():
-                torch.autograd.grad(pts, px, grad, retain_graph=True)
-                sync(device)
-        else:
-            def run():
-                pts = forward()
-                torch.autograd.grad(pts, px, torch.ones_like(pts))
-                sync(device)
-        benchmark(run)
+        benchmark(fwd_bwd(mode, forward, px, device))

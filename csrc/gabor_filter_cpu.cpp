@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -61,6 +62,10 @@ constexpr int64_t kTaskElems = 16384;  // least [rows x H] work worth waking ano
 // float sin and cos of z: Cody-Waite reduction by pi/2 in three parts (exact products for
 // |z| < 2^16 * pi/2), Cephes minimax polynomials on [-pi/4, pi/4] (~1 ulp), quadrant by selects.
 // Branch-free so loops over channels vectorize; the rounding constant 1.5 * 2^23 rounds to nearest.
+// Only for |z| < kFastTrigMax: beyond it the reduction loses accuracy, and the int conversion of a
+// huge or NaN quotient is undefined behaviour. Callers check a row first (fast_trig_ok) and take
+// std::sin / std::cos for a row that has any other value.
+constexpr float kFastTrigMax = 102943.0f;  // just below 2^16 * pi/2 = 102943.7
 FO_INLINE void sincos_fast(float z, float& s, float& c) {
   const float k = (z * 0.636619772367581f + 12582912.0f) - 12582912.0f;
   float r = z - k * 1.5703125f;
@@ -79,10 +84,11 @@ FO_INLINE void sincos_fast(float z, float& s, float& c) {
 
 // float exp(a): a = n ln2 + r (two-part ln2), Cephes polynomial for e^r, 2^n from the exponent
 // bits. Results below 2^-126 (a < -87.34) flush to 0 (< 1.2e-38 from the exact value); a is
-// clamped at 88 above (the envelope's argument is <= 0 up to rounding).
+// clamped at 88 above (the envelope's argument is <= 0 up to rounding). NaN gives NaN; it is
+// clamped like a low value first, so the int conversion below never sees it.
 FO_INLINE float exp_fast(float a) {
   constexpr float kLow = -87.33654475f;  // ln(2^-126): n >= -126 keeps 2^n a normal float
-  const float ac = std::min(std::max(a, kLow), 88.0f);
+  const float ac = a > kLow ? (a < 88.0f ? a : 88.0f) : kLow;
   const float n = (ac * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = ac - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -92,7 +98,7 @@ FO_INLINE float exp_fast(float a) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return a < kLow ? 0.0f : p * scale;
+  return a < kLow ? 0.0f : (a == a ? p * scale : a);
 }
 
 FO_INLINE void sincos_fast(double z, double& s, double& c) {
@@ -154,21 +160,40 @@ FO_INLINE T dot16(const T* __restrict a, const T* __restrict b, int64_t H) {
 // The channel loop of one row of the filter forward: on = g (or g * ln), from z = x W^T and
 // dot = x mu^T.
 // The filter's factors at one channel from x W^T + b (zb) and x mu^T (dot): returns the envelope
-// e = exp(-0.5 D gamma) and sets D, sin(zb), cos(zb).
-template <typename T>
+// e = exp(-0.5 D gamma) and sets D, sin(zb), cos(zb). Exact: std::sin / std::cos (a row with
+// arguments outside the fast sin/cos range, or not finite).
+template <typename T, bool Exact>
 FO_INLINE T filter_at(T xx, T mm, T dot, T gamma, T zb, T& d, T& s, T& c) {
   d = (xx + mm) - T(2) * dot;
-  sincos_fast(zb, s, c);
+  if constexpr (Exact) {
+    s = std::sin(zb);
+    c = std::cos(zb);
+  } else {
+    sincos_fast(zb, s, c);
+  }
   return exp_fast(T(-0.5) * d * gamma);
 }
 
-template <typename T, bool HasLin>
+// Whether sincos_fast is valid for every channel's z + b of a row (false for NaN and inf). One
+// vectorized pass over H channels, against the ~40 flops per channel of the fused loops.
+template <typename T>
+FO_INLINE bool fast_trig_ok(int64_t H, const T* __restrict z, const T* __restrict b) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return true;  // the double sincos_fast is std::sin / std::cos
+  } else {
+    int bad = 0;
+    for (int64_t h = 0; h < H; ++h) bad |= !(std::fabs(z[h] + b[h]) < kFastTrigMax);
+    return bad == 0;
+  }
+}
+
+template <typename T, bool HasLin, bool Exact = false>
 FO_INLINE void channels_fwd(int64_t H, T xx, const T* __restrict mm, const T* __restrict gamma,
                             const T* __restrict b, const T* __restrict z, const T* __restrict dot,
                             const T* __restrict ln, T* __restrict on) {
   for (int64_t h = 0; h < H; ++h) {
     T d, s, c;
-    const T e = filter_at(xx, mm[h], dot[h], gamma[h], z[h] + b[h], d, s, c);
+    const T e = filter_at<T, Exact>(xx, mm[h], dot[h], gamma[h], z[h] + b[h], d, s, c);
     const T g = s * e;
     on[h] = HasLin ? g * ln[h] : g;
   }
@@ -184,8 +209,12 @@ FO_INLINE void filter_fwd_rows(const Filter<T>& f, const T* x, int64_t in, int64
   for (int64_t n = r0; n < r1; ++n) {
     const T* xn = x + n * in;
     row_dots(f, xn, in, H, z, dot);
-    channels_fwd<T, HasLin>(H, row_sqnorm(xn, in), f.mm, f.gamma, f.b, z, dot, HasLin ? lin + n * H : nullptr,
-                            out + n * H);
+    const T xx = row_sqnorm(xn, in);
+    const T* ln = HasLin ? lin + n * H : nullptr;
+    if (fast_trig_ok(H, z, f.b))
+      channels_fwd<T, HasLin>(H, xx, f.mm, f.gamma, f.b, z, dot, ln, out + n * H);
+    else
+      channels_fwd<T, HasLin, true>(H, xx, f.mm, f.gamma, f.b, z, dot, ln, out + n * H);
   }
 }
 
@@ -202,14 +231,14 @@ struct SlotView {
 // The channel loop of one row of the filter backward (every pointer restrict, so it vectorizes
 // without run-time alias checks): on entry dz = x W^T, dd = x mu^T; on exit dz = dLoss/dz and
 // dd = dLoss/dD; dln (HasLin) = gh * g, hn (WriteH) = h; the slot sums are updated.
-template <typename T, bool HasLin, bool WriteH>
+template <typename T, bool HasLin, bool WriteH, bool Exact = false>
 FO_INLINE void channels_bwd(int64_t H, T xx, const T* __restrict mm, const T* __restrict gamma,
                             const T* __restrict b, const T* __restrict ghn, const T* __restrict ln,
                             T* __restrict dz, T* __restrict dd, T* __restrict dln, T* __restrict hn,
                             T* __restrict sdb, T* __restrict sdgamma, T* __restrict sdd, T* __restrict sdc) {
   for (int64_t h = 0; h < H; ++h) {
     T d, s, c;
-    const T e = filter_at(xx, mm[h], dd[h], gamma[h], dz[h] + b[h], d, s, c);
+    const T e = filter_at<T, Exact>(xx, mm[h], dd[h], gamma[h], dz[h] + b[h], d, s, c);
     const T g = s * e;
     const T go = ghn[h];
     T dg = go;
@@ -249,9 +278,16 @@ FO_INLINE void filter_bwd_rows(const Filter<T>& f, const T* x, int64_t in, int64
   for (int64_t n = r0; n < r1; ++n) {
     const T* xn = x + n * in;
     row_dots(f, xn, in, H, dz, dd);
-    channels_bwd<T, HasLin, WriteH>(H, row_sqnorm(xn, in), f.mm, f.gamma, f.b, gh + n * H,
-                                    HasLin ? lin + n * H : nullptr, dz, dd, HasLin ? dlin + n * H : nullptr,
-                                    WriteH ? h_out + n * H : nullptr, slot.db, slot.dgamma, slot.dd, slot.dc);
+    const T xx = row_sqnorm(xn, in);
+    const T* ln = HasLin ? lin + n * H : nullptr;
+    T* dln = HasLin ? dlin + n * H : nullptr;
+    T* hn = WriteH ? h_out + n * H : nullptr;
+    if (fast_trig_ok(H, dz, f.b))
+      channels_bwd<T, HasLin, WriteH>(H, xx, f.mm, f.gamma, f.b, gh + n * H, ln, dz, dd, dln, hn, slot.db,
+                                      slot.dgamma, slot.dd, slot.dc);
+    else
+      channels_bwd<T, HasLin, WriteH, true>(H, xx, f.mm, f.gamma, f.b, gh + n * H, ln, dz, dd, dln, hn, slot.db,
+                                            slot.dgamma, slot.dd, slot.dc);
     const T sum_dd = dot16<T>(dd, nullptr, H);
     for (int64_t i = 0; i < in; ++i) {
       const T xi = xn[i];

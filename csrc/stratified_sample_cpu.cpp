@@ -2,14 +2,16 @@
 // fastomni/reference/stratified_sample.py).
 //
 // Forward: pixels px [R, 2] -> points [R, K, 3] = (x_n, y_n, depth_k) and depths [R, K, 1], with
-// x_n = x / (w-1) * 2 - 1 and depth_k on linspace(min, max, K), jittered inside the interval
-// between the midpoints to its neighbours by noise [R, K] when given. Backward: grad_px [R, 2] =
-// sum_k grad_points[:, k, :2] * 2 / (w-1, h-1). One ray per loop iteration, rays split across
-// threads by at::parallel_for; the depth grid and interval bounds are computed once per call.
+// x_n = x / (w-1) * 2 - 1 and depth_k on linspace(min, max, K) (float32, then cast), jittered
+// inside the interval between the midpoints to its neighbours by noise [R, K] when given.
+// Backward: grad_px [R, 2] = sum_k grad_points[:, k, :2] * 2 / (w-1, h-1). One ray per loop
+// iteration, rays split across threads by at::parallel_for; the depth grid and interval bounds are
+// computed once per call.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linspace.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,22 +40,14 @@ void check_image(int64_t h, int64_t w) {
   TORCH_CHECK(h >= 2 && w >= 2, "image size must be at least 2x2, got h=", h, ", w=", w);
 }
 
-// The depth grid as torch.linspace computes it: from the start for the first half, from the end
-// for the second, so both ends are exact.
+// The depth grid of the reference (depth_grid): torch.linspace in float32, then cast to scalar_t.
+// Taken from at::linspace itself rather than re-derived: its rounding depends on the CPU's vector
+// width, and float64 samples must carry the float32 grid's exact values, as the original's do.
 template <typename scalar_t>
 std::vector<scalar_t> depth_grid(int64_t K, double min_depth, double max_depth) {
-  std::vector<scalar_t> d(K);
-  const scalar_t start = static_cast<scalar_t>(min_depth), end = static_cast<scalar_t>(max_depth);
-  if (K == 1) {
-    d[0] = start;
-    return d;
-  }
-  const scalar_t step = (end - start) / static_cast<scalar_t>(K - 1);
-  for (int64_t k = 0; k < K; ++k) {
-    d[k] = k < K / 2 ? start + step * static_cast<scalar_t>(k)
-                     : end - step * static_cast<scalar_t>(K - k - 1);
-  }
-  return d;
+  const at::Tensor grid = at::linspace(min_depth, max_depth, K, at::TensorOptions().dtype(at::kFloat));
+  const float* g = grid.data_ptr<float>();
+  return std::vector<scalar_t>(g, g + K);
 }
 
 std::tuple<at::Tensor, at::Tensor> stratified_sample_fwd(const at::Tensor& px,

@@ -15,8 +15,8 @@ cudaError_t stratified_sample_fwd(const T* px, const T* noise, T* points, T* dep
                                   int64_t w, double min_depth, double max_depth, cudaStream_t stream) {
   if (R * K == 0) return cudaSuccess;
   stratified_fwd_kernel<T><<<blocks_for(R * K), kThreads, 0, stream>>>(
-      px, noise, points, depths, R, K, static_cast<T>(w - 1), static_cast<T>(h - 1), static_cast<T>(min_depth),
-      static_cast<T>(max_depth));
+      px, noise, points, depths, R, K, static_cast<T>(w - 1), static_cast<T>(h - 1), static_cast<float>(min_depth),
+      static_cast<float>(max_depth));
   return cudaGetLastError();
 }
 

@@ -4,7 +4,8 @@
 //
 // Forward: one thread per (ray, sample), consecutive threads on consecutive samples of a ray, so the
 // points [R, K, 3] and depths [R, K, 1] stores are coalesced; the depth of sample k is recomputed per
-// thread (linspace as torch computes it, then the interval bounds), cheaper than reading a table.
+// thread (linspace in float32 as torch computes it on the GPU, cast to T, then the interval bounds: the
+// reference's depth_grid), cheaper than reading a table.
 // Backward: one thread per ray sums its K gradients (x and y): grad_px = sum_k grad_points[k, :2] * 2 /
 // (w-1, h-1). Bytes per ray (s = element size): forward reads 2 s (+ K s of noise), writes 4 K s;
 // backward reads 3 K s, writes 2 s.
@@ -20,25 +21,26 @@ namespace fastomni::stratified_sample_cuda {
 
 constexpr int kThreads = 256;
 
-// linspace(start, end, K)[k] as torch computes it: from the start for the first half, from the end for
-// the second, so both ends are exact.
+// linspace(start, end, K)[k] as torch's CUDA kernel computes it, in float32 whatever T (the original's
+// grid is a float32 linspace, cast when it meets float64 pixels): from the start for the first half,
+// from the end for the second, so both ends are exact.
 template <typename T>
-__device__ T grid_at(T start, T end, int64_t K, int64_t k) {
-  if (K == 1) return start;
-  const T step = (end - start) / static_cast<T>(K - 1);
-  return k < K / 2 ? start + step * static_cast<T>(k) : end - step * static_cast<T>(K - k - 1);
+__device__ T grid_at(float start, float end, int64_t K, int64_t k) {
+  if (K == 1) return static_cast<T>(start);
+  const float step = (end - start) / static_cast<float>(K - 1);
+  return static_cast<T>(k < K / 2 ? start + step * static_cast<float>(k) : end - step * static_cast<float>(K - k - 1));
 }
 
 template <typename T>
 __global__ void stratified_fwd_kernel(const T* __restrict__ px, const T* __restrict__ noise, T* __restrict__ points,
-                                      T* __restrict__ depths, int64_t R, int64_t K, T sx, T sy, T start, T end) {
+                                      T* __restrict__ depths, int64_t R, int64_t K, T sx, T sy, float start, float end) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= R * K) return;
   const int64_t r = idx / K, k = idx % K;
-  T d = grid_at(start, end, K, k);
+  T d = grid_at<T>(start, end, K, k);
   if (noise != nullptr) {
-    const T lo = k > 0 ? T(0.5) * (d + grid_at(start, end, K, k - 1)) : d;
-    const T hi = k + 1 < K ? T(0.5) * (grid_at(start, end, K, k + 1) + d) : d;
+    const T lo = k > 0 ? T(0.5) * (d + grid_at<T>(start, end, K, k - 1)) : d;
+    const T hi = k + 1 < K ? T(0.5) * (grid_at<T>(start, end, K, k + 1) + d) : d;
     d = lo + (hi - lo) * noise[idx];
   }
   points[idx * 3] = px[2 * r] / sx * T(2) - T(1);

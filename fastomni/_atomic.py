@@ -25,3 +25,10 @@ def atomic_output(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_atomic_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)

@@ -26,33 +26,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from fastomni.inputs import InputError, check_query_points
 from fastomni.io import check_frames
-from fastomni.preprocess import flow_estimator
+from fastomni.preprocess import edge_sample, flow_estimator
 
 __all__ = ["chained_flow_tracks"]
-
-
-def _sample(flow: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Bilinear ``flow [h, w, 2]`` at points ``xy [N, 2]`` (edge values outside). Returns ``[N, 2]``."""
-    pts = xy.astype(np.float32).reshape(-1, 1, 2)
-    return cv2.remap(flow, pts[..., 0], pts[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).reshape(-1, 2)
-
-
-def _check_queries(query_points, num_frames: int, h: int, w: int) -> np.ndarray:
-    q = np.asarray(query_points)
-    if q.ndim != 2 or q.shape[1] != 3:
-        raise ValueError(f"query_points must have shape [N, 3] (t, y, x), got {q.shape}")
-    if q.dtype.kind not in "fiu":
-        raise TypeError(f"query_points must be numeric, got {q.dtype}")
-    q = q.astype(np.float64)
-    if not np.isfinite(q).all():
-        raise ValueError("query_points contain NaN or inf")
-    t, y, x = q[:, 0], q[:, 1], q[:, 2]
-    if np.any(t != np.round(t)) or np.any((t < 0) | (t >= num_frames)):
-        raise ValueError(f"query_points[:, 0] must be integer frame indices in [0, {num_frames - 1}]")
-    if np.any((x < 0) | (x > w - 1) | (y < 0) | (y > h - 1)):
-        raise ValueError(f"query points must lie inside the {w}x{h} image (0 <= x <= {w - 1}, 0 <= y <= {h - 1})")
-    return q
 
 
 def chained_flow_tracks(frames: np.ndarray, query_points, cycle_th: float = 1.0, flow_preset: str = "full",
@@ -65,9 +43,9 @@ def chained_flow_tracks(frames: np.ndarray, query_points, cycle_th: float = 1.0,
     """
     frames = check_frames(frames, min_frames=2)
     num, h, w = frames.shape[:3]
-    q = _check_queries(query_points, num, h, w)
+    q = check_query_points(query_points, num, h, w)
     if not (np.isfinite(cycle_th) and cycle_th > 0):
-        raise ValueError(f"cycle_th must be a positive number, got {cycle_th!r}")
+        raise InputError(f"cycle_th must be a positive number, got {cycle_th!r}")
     flow = flow_estimator(flow_preset)
     gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
     q_t = q[:, 0].astype(np.int64)
@@ -88,8 +66,8 @@ def chained_flow_tracks(frames: np.ndarray, query_points, cycle_th: float = 1.0,
         if not active.any():
             return
         p = tracks[active, src]
-        moved = p + _sample(f_go, p)
-        cycle = np.linalg.norm(moved + _sample(f_back, moved) - p, axis=-1)
+        moved = p + edge_sample(f_go, p)
+        cycle = np.linalg.norm(moved + edge_sample(f_back, moved) - p, axis=-1)
         tracks[active, dst] = moved
         occluded[active, dst] = occluded[active, src] | (cycle >= cycle_th) | ~inside(moved)
 

@@ -14,10 +14,14 @@ Subcommands::
 
 Options of the optimization (``train``, ``track``, ``demo``) are the original's config keys
 (``--num_iters 2000``, ``--use_affine false``), a ``--config`` file (the original's .txt, YAML
-or JSON) and a ``--preset`` (``original``, or ``cpu``: the default without a GPU).
-Errors in the input are reported as one line naming the problem, exit status 1; Ctrl-C during
-an optimization saves a checkpoint and exits with 130 (run again to resume). On a CPU shared with
-other jobs, ``--threads 1`` avoids oversubscribing it (two threads ran up to 10x slower there).
+or JSON) and a ``--preset``: ``original`` (the default with a GPU), ``fast`` (the grid model family,
+the default without one) or ``cpu`` (the original's networks on a small CPU budget).
+Errors in the input (:class:`fastomni.inputs.InputError`, missing files) are reported as one line
+naming the problem, exit status 1, with nothing written; any other exception is a bug and shows its
+traceback. Ctrl-C during an optimization saves a checkpoint and exits with 130 (run again to
+resume). Torch (and OpenCV) use ``--threads`` threads, by default half the usable cores (1 to 8):
+on a CPU shared with other jobs, as many threads as cores spin-wait on busy cores (a step ran 8x
+slower there). Progress bars show the count.
 """
 from __future__ import annotations
 
@@ -25,40 +29,51 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 
-__all__ = ["build_parser", "main"]
+from fastomni.inputs import USER_ERRORS, InputError, as_input_errors, load_array
+from fastomni.metrics import evaluate  # noqa: F401 - also importable from here, as before
 
-_USER_ERRORS = (ValueError, TypeError, IndexError, FileNotFoundError, NotADirectoryError, FileExistsError, KeyError)
+__all__ = ["build_parser", "default_threads", "main"]
+
+
+def default_threads() -> int:
+    """Torch threads when ``--threads`` is not given: half the usable cores, 1 to 8 (1 on a 2-core
+    machine, where two threads competing with another process spin-wait on a busy core)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
 
 
 def _default_preset() -> str:
     import torch
 
-    return "original" if torch.cuda.is_available() else "cpu"
+    return "original" if torch.cuda.is_available() else "fast"
 
 
 def _config(args):
     from fastomni.config import config_from_args
 
     name = args.preset or _default_preset()
+    with as_input_errors():
+        cfg = config_from_args(args, default_preset=name)
     if args.preset is None and not args.quiet:
-        print(f"preset: {name} ({'GPU found' if name == 'original' else 'no GPU: small CPU budget'}; "
+        print(f"preset: {name} ({'GPU found' if name == 'original' else 'no GPU: the fast grid model on a CPU budget'}; "
               "--preset to choose)", file=sys.stderr)
-    return config_from_args(args, default_preset=name)
+    return cfg
 
 
-def _load_queries(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"query file not found: {path}")
-    try:
-        q = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file to the user
-        raise ValueError(f"{path} is not a readable .npy array: {exc}") from None
-    if not isinstance(q, np.ndarray):
-        raise TypeError(f"{path} must hold one [N, 3] array (t, y, x), got an archive")
-    return q
+def _report_missing(name: str, tracks: np.ndarray, treated: str) -> None:
+    from fastomni.metrics import no_estimate
+
+    missing = int(no_estimate(tracks).sum())
+    if missing:
+        print(f"{name}: {missing} of {tracks.shape[0] * tracks.shape[1]} track positions have no estimate "
+              f"(non-finite); {treated}", file=sys.stderr)
 
 
 # -- subcommands ------------------------------------------------------------------------------------
@@ -78,7 +93,7 @@ def _cmd_train(args) -> int:
     cfg = _config(args)
     seq = args.seq or cfg.data_dir
     if not seq:
-        raise ValueError("no sequence folder: give SEQ or data_dir in the config")
+        raise InputError("no sequence folder: give SEQ or data_dir in the config")
     out = args.out or os.path.join(cfg.save_dir, f"{cfg.expname}_{os.path.basename(os.path.normpath(seq))}")
     result = optimize(seq, out, cfg, progress=not args.quiet)
     print(result.checkpoint)
@@ -86,10 +101,10 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_track(args) -> int:
-    from fastomni.optimize import track_video
+    from fastomni.pipeline import track_video
 
     cfg = _config(args)
-    queries = _load_queries(args.queries)
+    queries = load_array(args.queries, "query file", ".npy")
     out = track_video(args.video, queries, args.out, cfg, half=args.half, progress=not args.quiet,
                       max_interval=args.max_interval, flow_preset=args.flow_preset)
     print(out["path"])
@@ -98,16 +113,14 @@ def _cmd_track(args) -> int:
 
 def _cmd_export(args) -> int:
     from fastomni.optimize import load_run
+    from fastomni.pipeline import read_video_info
     from fastomni.query import export_dense
 
+    info = read_video_info(args.run) if os.path.isfile(os.path.join(args.run, "video.json")) else None
     model, cfg, _ = load_run(args.run, device=args.device)
     qf = cfg.query_frame_id if args.query_frame is None else args.query_frame
-    scale_to = None
-    info_path = os.path.join(args.run, "video.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            size = tuple(json.load(f)["video_size"])
-        scale_to = None if size == (model.h, model.w) else size
+    size = info["video_size"] if info else None
+    scale_to = None if size is None or size == (model.h, model.w) else size
     out = args.out or os.path.join(args.run, f"dense_{qf:05d}.npz")
     export_dense(model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
                  chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet)
@@ -125,16 +138,17 @@ def _cmd_viz(args) -> int:
     from fastomni.viz import plot_trajectories, render_trails
 
     if args.max_points < 1:
-        raise ValueError(f"--max_points must be >= 1, got {args.max_points}")
+        raise InputError(f"--max_points must be >= 1, got {args.max_points}")
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in (".mp4", ".png"):
-        raise ValueError(f"--out must end in .mp4 (trails) or .png (trajectories), got {args.out}")
+        raise InputError(f"--out must end in .mp4 (trails) or .png (trajectories), got {args.out}")
     data = load_tracks(args.tracks)
     tracks, occluded = data["tracks"], data["occluded"]
     size = tuple(int(v) for v in data["image_size"]) if "image_size" in data else None
     frames = load_video(args.video, max_frames=tracks.shape[1], resize=size)
     if frames.shape[0] != tracks.shape[1]:
-        raise ValueError(f"{args.video} has {frames.shape[0]} frames, the tracks span {tracks.shape[1]}")
+        raise InputError(f"{args.video} has {frames.shape[0]} frames, the tracks span {tracks.shape[1]}")
+    _report_missing(f"fastomni {args.command}", tracks, "not drawn")
     keep = _subsample(len(tracks), args.max_points)
     if ext == ".mp4":
         render_trails(frames, tracks[keep], occluded[keep], args.out, trail=args.trail, progress=not args.quiet)
@@ -144,50 +158,16 @@ def _cmd_viz(args) -> int:
     return 0
 
 
-def evaluate(tracks_path: str, gt_path: str, modes=("first", "strided")) -> dict:
-    """TAP-Vid metrics (and temporal coherence) of a tracks file against ground truth in TAP-Vid's
-    layout (``.npz`` with ``points [N, T, 2]`` normalized (x/w, y/h), ``occluded [N, T]``, and
-    ``video [T, H, W, 3]`` or the tracks file's ``image_size``); rows must correspond. Query points
-    come from the tracks file (else the ground truth's ``query_points``)."""
-    from fastomni.metrics import tapvid_metrics, temporal_coherence
-    from fastomni.query import load_tracks
-
-    pred = load_tracks(tracks_path)
-    if not os.path.isfile(gt_path):
-        raise FileNotFoundError(f"ground truth not found: {gt_path}")
-    try:
-        gt = np.load(gt_path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file to the user
-        raise ValueError(f"{gt_path} is not a readable .npz: {exc}") from None
-    with gt:
-        missing = [k for k in ("points", "occluded") if k not in gt.files]
-        if missing:
-            raise ValueError(f"{gt_path} lacks {missing} (TAP-Vid layout: points [N,T,2] normalized, occluded [N,T])")
-        points, occluded = gt["points"], gt["occluded"].astype(bool)
-        queries = pred.get("query_points", gt["query_points"] if "query_points" in gt.files else None)
-        size = (tuple(int(v) for v in pred["image_size"]) if "image_size" in pred
-                else tuple(gt["video"].shape[1:3]) if "video" in gt.files else None)
-    if queries is None:
-        raise ValueError("no query points: neither the tracks file nor the ground truth has query_points")
-    if size is None:
-        raise ValueError("image size unknown: the tracks file has no image_size and the ground truth no video")
-    if points.shape[:2] != pred["tracks"].shape[:2]:
-        raise ValueError(f"ground truth has {points.shape[0]} points x {points.shape[1]} frames, the tracks "
-                         f"{pred['tracks'].shape[0]} x {pred['tracks'].shape[1]}: rows must correspond")
-    out = {mode: tapvid_metrics(pred["tracks"], pred["occluded"], points, occluded, queries, size, mode)
-           for mode in modes}
-    if points.shape[1] >= 3:
-        out["temporal_coherence"] = temporal_coherence(pred["tracks"], points, occluded, size)
-    return out
-
-
 def _cmd_eval(args) -> int:
+    from fastomni._atomic import write_atomic_text
+
     modes = ("first", "strided") if args.query_mode == "both" else (args.query_mode,)
     metrics = evaluate(args.tracks, args.gt, modes)
+    if metrics["no_estimate"]:
+        print(f"fastomni eval: {metrics['no_estimate']} track positions have no estimate (non-finite); counted as "
+              "occluded", file=sys.stderr)
     text = json.dumps(metrics, indent=1)
     if args.json:
-        from fastomni.optimize import write_atomic_text
-
         write_atomic_text(args.json, text + "\n")
     print(text)
     return 0
@@ -196,7 +176,9 @@ def _cmd_eval(args) -> int:
 def _cmd_synth(args) -> int:
     from fastomni.synthetic import make_video, write_synthetic
 
-    video = make_video(num_frames=args.num_frames, h=args.size, w=args.size, num_points=args.num_points, seed=args.seed)
+    with as_input_errors():
+        video = make_video(num_frames=args.num_frames, h=args.size, w=args.size, num_points=args.num_points,
+                           seed=args.seed)
     write_synthetic(video, args.out)
     print(args.out)
     return 0
@@ -208,11 +190,13 @@ def _cmd_tapvid(args) -> int:
     from fastomni.tapvid import load_tapvid, tapvid_names
 
     if args.video is None:
-        print("\n".join(tapvid_names(args.pkl)))
+        with as_input_errors():
+            print("\n".join(tapvid_names(args.pkl)))
         return 0
     if args.out is None:
-        raise ValueError("tapvid: --out is required with --video")
-    video = load_tapvid(args.pkl, args.video, args.query_mode)
+        raise InputError("tapvid: --out is required with --video")
+    with as_input_errors():
+        video = load_tapvid(args.pkl, args.video, args.query_mode)
     write_synthetic(video, args.out)
     with atomic_output(os.path.join(args.out, "queries.npy")) as tmp:
         np.save(tmp, video.query_points)
@@ -244,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:4]))
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; demo: 1, robust on a shared CPU)")
+                        help=f"CPU threads for torch and OpenCV (default: half the usable cores, 1 to 8: "
+                             f"{default_threads()} here)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, func, help, **kw):
@@ -271,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", help="video file or frame folder")
     p.add_argument("--queries", required=True, help=".npy [N, 3] rows (t, y, x): frame index and pixel")
     p.add_argument("--out", required=True, help="run folder; tracks go to OUT/tracks.npz")
-    p.add_argument("--half", action="store_true", help="store tracks as float16 displacements")
+    p.add_argument("--half", action="store_true",
+                   help="store tracks as float16 displacements (float32, with a warning, where float16 would round "
+                        "by more than 0.05 px)")
     p.add_argument("--max_interval", type=int, default=None, help="preprocess only pairs this close")
     p.add_argument("--flow_preset", choices=flow_presets, default="full")
     add_config_arguments(p)
@@ -280,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (from train or track)")
     p.add_argument("--query_frame", type=int, default=None, help="default: query_frame_id of the run's config")
     p.add_argument("--out", default=None, help="output .npz (default: RUN/dense_{frame}.npz)")
-    p.add_argument("--half", action="store_true", help="float16 displacements (smaller files)")
+    p.add_argument("--half", action="store_true",
+                   help="float16 displacements, smaller files (float32, with a warning, for frames where float16 "
+                        "would round by more than 0.05 px)")
     p.add_argument("--device", default="auto")
 
     p = command("viz", _cmd_viz, "draw tracks over the video: trails (.mp4) or trajectories (.png)")
@@ -312,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", _cmd_demo, "synthetic clip -> OmniMotion tracks -> metrics beside chained flow, trails mp4")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=None, help="frame size (default: max_side of the preset, at most 128)")
+    p.add_argument("--size", type=int, default=None, help="frame height and width (default 64)")
     p.add_argument("--num_frames", type=int, default=24)
     p.add_argument("--num_points", type=int, default=256)
     p.add_argument("--clip_seed", type=int, default=0, help="seed of the synthetic clip")
@@ -325,28 +314,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name = f"fastomni {args.command}"
-    threads = 1 if args.threads is None and args.command == "demo" else args.threads
     try:
-        if threads is None:
-            return args.func(args)
+        threads = default_threads() if args.threads is None else args.threads
         if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+            raise InputError(f"--threads must be >= 1, got {threads}")
+        import cv2
         import torch
 
-        previous = torch.get_num_threads()
+        previous = torch.get_num_threads(), cv2.getNumThreads()
         torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
         try:
-            return args.func(args)
+            with warnings.catch_warnings():
+                warnings.showwarning = lambda message, *_, **__: print(f"{name}: warning: {message}", file=sys.stderr)
+                return args.func(args)
         finally:
-            torch.set_num_threads(previous)  # main() called in-process leaves no trace
+            torch.set_num_threads(previous[0])  # main() called in-process leaves no trace
+            cv2.setNumThreads(previous[1])
     except KeyboardInterrupt as exc:
         print(f"{name}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
-    except _USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"{name}: error: {message}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,6 +62,7 @@ class Config:
     loader_seed: int = 12  # seed of the pair/pixel sampler
     seed: int = 1234  # fastomni: seed of the network initialization and ray jitter
     device: str = "auto"  # fastomni: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    family: str = "original"  # fastomni: model family, 'original' (the paper's networks) or 'fast' (grids)
     # data
     num_imgs: int = 250  # use at most this many frames
     num_pairs: int = 8  # frame pairs per batch
@@ -119,6 +120,8 @@ class Config:
             raise ValueError(f"occlusion_th must be in [0, 1], got {self.occlusion_th}")
         if self.num_imgs < 2:
             raise ValueError(f"num_imgs must be >= 2 (a video of at least 2 frames), got {self.num_imgs}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (checked like a fresh config)."""
@@ -130,8 +133,10 @@ class Config:
 IGNORED_KEYS = frozenset({"config", "local_rank", "distributed", "num_workers", "dataset_types",
                           "dataset_weights", "foreground_mask_path", "fff"})
 
+FAMILIES = ("original", "fast")
+
 # Options that fix the shape of the networks or the sampling: a run must keep them to resume.
-MODEL_KEYS = ("num_samples_ray", "pe_freq", "use_affine", "min_depth", "max_depth")
+MODEL_KEYS = ("family", "num_samples_ray", "pe_freq", "use_affine", "min_depth", "max_depth")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "original": {},
@@ -140,6 +145,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_feature": 3e-3, "lr_deform": 1e-3, "lr_color": 1e-3, "lrate_decay_steps": 200,
         "use_error_map": False, "i_print": 25, "i_img": 0, "i_weight": 100, "i_cache": 100, "chunk_size": 4096,
         "device": "cpu",
+    },
+    # The fast model family (grids, fastomni.nn.fast) on a CPU budget; its schedule was chosen by
+    # measurement (docs/fast-preset.md).
+    "fast": {
+        "family": "fast", "max_side": 128, "num_pairs": 4, "num_pts": 128, "num_samples_ray": 8, "num_iters": 2400,
+        "lr_feature": 1e-2, "lr_deform": 1e-2, "lr_color": 1e-2, "lrate_decay_steps": 600,
+        "use_error_map": False, "use_affine": False, "i_print": 100, "i_img": 0, "i_weight": 600, "i_cache": 600,
+        "chunk_size": 4096, "device": "cpu",
     },
 }
 
@@ -290,7 +303,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     given bare turns on (``--use_affine``); ``--use_affine false`` turns it off.
     """
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="starting values (default: original)")
+                        help="starting values: original, fast or cpu (default: original with a GPU, fast without)")
     parser.add_argument("--config", default=None, help="config file: the original's key = value .txt, .yaml or .json")
     group = parser.add_argument_group("options (override the preset and the config file)")
     for name in _FIELDS:

@@ -3,8 +3,8 @@
 1. :func:`fastomni.synthetic.make_video` renders the clip (textured objects passing in front of
    one another over a panning background) with its ground-truth tracks, occlusions and query
    points; written to ``OUT/data`` (frames, ``video.mp4``, ``gt.npz``).
-2. :func:`fastomni.optimize.track_video`: preprocess (pairwise flow), optimize (the ``cpu`` preset
-   by default), track the ground-truth query points -> ``OUT/tracks.npz``.
+2. :func:`fastomni.pipeline.track_video`: preprocess (pairwise flow), optimize (the ``fast``
+   preset by default without a GPU), track the ground-truth query points -> ``OUT/tracks.npz``.
 3. The chained-flow baseline tracks the same points -> ``OUT/baseline_tracks.npz``.
 4. TAP-Vid metrics (query-first and strided) and temporal coherence of both, printed side by side
    and written to ``OUT/metrics.json``; trails of OmniMotion's tracks -> ``OUT/trails.mp4``.
@@ -20,9 +20,11 @@ import time
 import numpy as np
 
 from fastomni.config import Config
+from fastomni.inputs import InputError, as_input_errors
 
 __all__ = ["format_table", "run_demo"]
 
+DEFAULT_SIZE = 64  # the demo clip: 24 frames of 64 x 64 (a few minutes on one CPU thread)
 ROWS = ("average_jaccard", "average_pts_within_thresh", "occlusion_accuracy")
 
 
@@ -41,21 +43,25 @@ def format_table(metrics: dict) -> str:
 def run_demo(out_dir: str, cfg: Config, size: int | None = None, num_frames: int = 24, num_points: int = 256,
              seed: int = 0, progress: bool = True) -> dict:
     """Run the demo into ``out_dir`` (see the module docstring). ``size``: frame height and width
-    (default ``cfg.max_side``, at most 128). Returns ``{"metrics": {method: {...}}, "timings":
+    (default 64). Returns ``{"metrics": {method: {...}}, "timings":
     {stage: seconds}, "paths": {...}}``."""
+    from fastomni._atomic import write_atomic_text
     from fastomni.baseline import chained_flow_tracks
-    from fastomni.metrics import tapvid_metrics, temporal_coherence
-    from fastomni.optimize import track_video, write_atomic_text
+    from fastomni.metrics import evaluate_tracks
+    from fastomni.pipeline import track_video
     from fastomni.query import save_tracks
     from fastomni.synthetic import make_video, write_synthetic
     from fastomni.viz import render_trails
 
-    size = size if size is not None else min(cfg.max_side or 128, 128)
+    size = size if size is not None else DEFAULT_SIZE
+    if num_frames < 3:
+        raise InputError(f"num_frames must be >= 3 (temporal coherence compares 3 frames), got {num_frames}")
     if num_frames > cfg.num_imgs:
-        raise ValueError(f"num_frames ({num_frames}) exceeds num_imgs ({cfg.num_imgs}) of the config")
+        raise InputError(f"num_frames ({num_frames}) exceeds num_imgs ({cfg.num_imgs}) of the config")
     start = time.perf_counter()
     timings = {}
-    video = make_video(num_frames=num_frames, h=size, w=size, num_points=num_points, seed=seed)
+    with as_input_errors():
+        video = make_video(num_frames=num_frames, h=size, w=size, num_points=num_points, seed=seed)
     os.makedirs(out_dir, exist_ok=True)
     write_synthetic(video, os.path.join(out_dir, "data"))
     timings["synthesize"] = time.perf_counter() - start
@@ -74,9 +80,8 @@ def run_demo(out_dir: str, cfg: Config, size: int | None = None, num_frames: int
     metrics = {}
     for name, (tracks, occluded) in {"omnimotion": (result["tracks"], result["occluded"]),
                                      "chained_flow": (b_tracks, b_occluded)}.items():
-        metrics[name] = {mode: tapvid_metrics(tracks, occluded, video.points, video.occluded, video.query_points,
-                                              (size, size), mode) for mode in ("first", "strided")}
-        metrics[name]["temporal_coherence"] = temporal_coherence(tracks, video.points, video.occluded, (size, size))
+        metrics[name] = evaluate_tracks(tracks, occluded, video.points, video.occluded, video.query_points,
+                                        (size, size))
     trails = render_trails(video.frames, result["tracks"], result["occluded"], os.path.join(out_dir, "trails.mp4"))
     timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastomni._atomic import atomic_output
+from fastomni.inputs import InputError, InputTypeError
 
 __all__ = ["load_video", "write_frames", "write_video", "check_frames", "atomic_output", "frame_name",
            "frame_files", "VIDEO_EXTS", "IMAGE_EXTS"]
@@ -49,15 +50,15 @@ def check_frames(frames, name: str = "frames", min_frames: int = 1) -> np.ndarra
     Returns it as a C-contiguous array; raises ``TypeError`` / ``ValueError`` naming the problem.
     """
     if not isinstance(frames, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array [T, H, W, 3] uint8, got {type(frames).__name__}")
+        raise InputTypeError(f"{name} must be a numpy array [T, H, W, 3] uint8, got {type(frames).__name__}")
     if frames.dtype != np.uint8:
-        raise TypeError(f"{name} must have dtype uint8 (RGB 0..255), got {frames.dtype}")
+        raise InputTypeError(f"{name} must have dtype uint8 (RGB 0..255), got {frames.dtype}")
     if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"{name} must have shape [T, H, W, 3], got {frames.shape}")
+        raise InputError(f"{name} must have shape [T, H, W, 3], got {frames.shape}")
     if frames.shape[1] < 2 or frames.shape[2] < 2:
-        raise ValueError(f"{name} frames must be at least 2x2 pixels, got {frames.shape[1]}x{frames.shape[2]}")
+        raise InputError(f"{name} frames must be at least 2x2 pixels, got {frames.shape[1]}x{frames.shape[2]}")
     if frames.shape[0] < min_frames:
-        raise ValueError(f"{name} has {frames.shape[0]} frames, need at least {min_frames}")
+        raise InputError(f"{name} has {frames.shape[0]} frames, need at least {min_frames}")
     return np.ascontiguousarray(frames)
 
 
@@ -71,16 +72,16 @@ def _resolve_size(h: int, w: int, resize) -> tuple[int, int] | None:
         return None
     if isinstance(resize, (int, np.integer)) and not isinstance(resize, bool):
         if resize < 2:
-            raise ValueError(f"resize as a max side must be >= 2, got {resize}")
+            raise InputError(f"resize as a max side must be >= 2, got {resize}")
         scale = min(1.0, resize / max(h, w))  # a max side only ever shrinks
         return max(2, round(h * scale)), max(2, round(w * scale))
     if (isinstance(resize, (tuple, list)) and len(resize) == 2
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in resize)):
         rh, rw = int(resize[0]), int(resize[1])
         if rh < 2 or rw < 2:
-            raise ValueError(f"resize (h, w) must be at least (2, 2), got {tuple(resize)}")
+            raise InputError(f"resize (h, w) must be at least (2, 2), got {tuple(resize)}")
         return rh, rw
-    raise TypeError(f"resize must be None, an int max side or an (h, w) tuple of ints, got {resize!r}")
+    raise InputTypeError(f"resize must be None, an int max side or an (h, w) tuple of ints, got {resize!r}")
 
 
 def _to_rgb(bgr: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -102,18 +103,18 @@ def frame_files(folder) -> list[str]:
 def _read_folder(folder: str, max_frames, resize) -> list[np.ndarray]:
     files = frame_files(folder)
     if not files:
-        raise ValueError(f"no image frames ({', '.join(IMAGE_EXTS)}) in folder {folder}")
+        raise InputError(f"no image frames ({', '.join(IMAGE_EXTS)}) in folder {folder}")
     files = files[:max_frames]
     frames, size, first_shape = [], None, None
     for f in files:
         bgr = cv2.imread(f, cv2.IMREAD_COLOR)
         if bgr is None:
-            raise ValueError(f"cannot read image frame {f} (corrupt or unsupported format)")
+            raise InputError(f"cannot read image frame {f} (corrupt or unsupported format)")
         if first_shape is None:
             first_shape = bgr.shape[:2]
             size = _resolve_size(*first_shape, resize)
         elif bgr.shape[:2] != first_shape:
-            raise ValueError(f"frame {f} is {bgr.shape[1]}x{bgr.shape[0]} but {files[0]} is "
+            raise InputError(f"frame {f} is {bgr.shape[1]}x{bgr.shape[0]} but {files[0]} is "
                              f"{first_shape[1]}x{first_shape[0]}: all frames must have the same size")
         frames.append(_to_rgb(bgr, size))
     return frames
@@ -121,12 +122,12 @@ def _read_folder(folder: str, max_frames, resize) -> list[np.ndarray]:
 
 def _read_file(path: str, max_frames, resize) -> list[np.ndarray]:
     if not path.lower().endswith(VIDEO_EXTS):
-        raise ValueError(f"{path} is not a video file (expected one of {', '.join(VIDEO_EXTS)}) "
+        raise InputError(f"{path} is not a video file (expected one of {', '.join(VIDEO_EXTS)}) "
                          "nor a folder of frames")
     cap = cv2.VideoCapture(path)
     try:
         if not cap.isOpened():
-            raise ValueError(f"cannot open video {path} (corrupt or unsupported codec)")
+            raise InputError(f"cannot open video {path} (corrupt or unsupported codec)")
         frames, size = [], None
         while max_frames is None or len(frames) < max_frames:
             ok, bgr = cap.read()
@@ -138,7 +139,7 @@ def _read_file(path: str, max_frames, resize) -> list[np.ndarray]:
     finally:
         cap.release()
     if not frames:
-        raise ValueError(f"video {path} has no decodable frames")
+        raise InputError(f"video {path} has no decodable frames")
     return frames
 
 
@@ -153,7 +154,7 @@ def load_video(path, max_frames: int | None = None, resize=None, min_frames: int
     """
     path = os.fspath(path)
     if max_frames is not None and (not isinstance(max_frames, (int, np.integer)) or max_frames < 1):
-        raise ValueError(f"max_frames must be a positive int or None, got {max_frames!r}")
+        raise InputError(f"max_frames must be a positive int or None, got {max_frames!r}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"video path {path} does not exist")
     if os.path.isdir(path):
@@ -162,7 +163,7 @@ def load_video(path, max_frames: int | None = None, resize=None, min_frames: int
     else:
         frames = _read_file(path, max_frames, resize)
     if len(frames) < min_frames:
-        raise ValueError(f"{path} has {len(frames)} frame(s), need at least {min_frames}")
+        raise InputError(f"{path} has {len(frames)} frame(s), need at least {min_frames}")
     return np.stack(frames)
 
 
@@ -180,7 +181,7 @@ def write_frames(frames: np.ndarray, folder, progress: bool = False) -> str:
         stale = [os.path.basename(p) for p in frame_files(color) if os.path.basename(p) not in ours]
         if stale:
             listed = ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else "")
-            raise ValueError(f"{color} already holds other frames ({listed}); they would mix with this video: "
+            raise InputError(f"{color} already holds other frames ({listed}); they would mix with this video: "
                              "use an empty folder")
     os.makedirs(color, exist_ok=True)
     for i, rgb in enumerate(tqdm(frames, desc="write frames", disable=not progress)):
@@ -233,9 +234,9 @@ def write_video(frames: np.ndarray, path, fps: float = 10) -> str:
     frames = check_frames(frames)
     path = os.fspath(path)
     if not path.lower().endswith(".mp4"):
-        raise ValueError(f"write_video writes mp4 files; {path} does not end in .mp4")
+        raise InputError(f"write_video writes mp4 files; {path} does not end in .mp4")
     if not (isinstance(fps, (int, float, np.integer, np.floating)) and np.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+        raise InputError(f"fps must be a positive number, got {fps!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder} does not exist")

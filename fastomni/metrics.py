@@ -1,6 +1,10 @@
 """Tracking metrics: TAP-Vid's (occlusion accuracy, <delta^x, Jaccard) and OmniMotion's temporal
 coherence, for one video.
 
+A predicted position that is not finite (a point whose rays diverged) means "no estimate": the
+metrics count it as predicted occluded (so it is never within a threshold), and temporal
+coherence skips the triplets that contain one. :func:`no_estimate` finds them.
+
 Both rescale positions to a 256 x 256 image first, as TAP-Vid and OmniMotion evaluate:
 ``x_256 = x_px * 256 / w`` for predictions in pixels and ``x_256 = x_norm * 256`` for ground truth
 normalized as ``(x / w, y / h)`` (the convention of ``fastomni.synthetic``, and what OmniMotion's
@@ -18,36 +22,46 @@ Example::
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-__all__ = ["tapvid_metrics", "temporal_coherence", "THRESHOLDS"]
+from fastomni.inputs import InputError, InputTypeError, load_array
+
+__all__ = ["THRESHOLDS", "evaluate", "evaluate_tracks", "no_estimate", "tapvid_metrics", "temporal_coherence"]
 
 THRESHOLDS = (1, 2, 4, 8, 16)  # pixels at 256 x 256
 EVAL_SIZE = 256
 
 
-def _array(x, name: str, shape: tuple, dtype_kind: str) -> np.ndarray:
-    """``x`` as an array of ``shape`` (-1: any size); float (``"f"``) arrays must be finite."""
+def no_estimate(tracks) -> np.ndarray:
+    """``[N, T]`` bool: where ``tracks [N, T, 2]`` holds no estimate (a non-finite coordinate)."""
+    return ~np.isfinite(np.asarray(tracks, np.float64)).all(axis=-1)
+
+
+def _array(x, name: str, shape: tuple, dtype_kind: str, finite: bool = True) -> np.ndarray:
+    """``x`` as an array of ``shape`` (-1: any size); float (``"f"``) arrays must be finite unless
+    ``finite=False``."""
     a = np.asarray(x)
     if a.ndim != len(shape) or any(s != -1 and s != d for s, d in zip(shape, a.shape)):
         want = "[" + ", ".join("?" if s == -1 else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {a.shape}")
+        raise InputError(f"{name} must have shape {want}, got {a.shape}")
     if dtype_kind == "b":
         if a.dtype != bool:
-            raise TypeError(f"{name} must be a bool array, got {a.dtype}")
+            raise InputTypeError(f"{name} must be a bool array, got {a.dtype}")
     else:
         if a.dtype.kind not in "fiu":
-            raise TypeError(f"{name} must be numeric, got {a.dtype}")
+            raise InputTypeError(f"{name} must be numeric, got {a.dtype}")
         a = a.astype(np.float64)
-        if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or inf")
+        if finite and not np.isfinite(a).all():
+            raise InputError(f"{name} contains NaN or inf")
     return a
 
 
 def _image_size(image_size) -> tuple[int, int]:
     if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
             or not all(isinstance(v, (int, np.integer)) and v > 0 for v in image_size)):
-        raise ValueError(f"image_size must be (h, w) positive ints, got {image_size!r}")
+        raise InputError(f"image_size must be (h, w) positive ints, got {image_size!r}")
     return int(image_size[0]), int(image_size[1])
 
 
@@ -79,16 +93,17 @@ def tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_poi
     them is visible (the fractions would be 0/0).
     """
     if query_mode not in ("first", "strided"):
-        raise ValueError(f"query_mode must be 'first' or 'strided', got {query_mode!r}")
+        raise InputError(f"query_mode must be 'first' or 'strided', got {query_mode!r}")
     gt_points = _array(gt_points, "gt_points", (-1, -1, 2), "f")
     n, t = gt_points.shape[:2]
-    pred_tracks = _array(pred_tracks, "pred_tracks", (n, t, 2), "f")
-    pred_occluded = _array(pred_occluded, "pred_occluded", (n, t), "b")
+    pred_tracks = _array(pred_tracks, "pred_tracks", (n, t, 2), "f", finite=False)
+    missing = no_estimate(pred_tracks)
+    pred_occluded = _array(pred_occluded, "pred_occluded", (n, t), "b") | missing
     gt_occluded = _array(gt_occluded, "gt_occluded", (n, t), "b")
     query_points = _array(query_points, "query_points", (n, 3), "f")
     query_frame = query_points[:, 0]
     if np.any(query_frame != np.round(query_frame)) or np.any((query_frame < 0) | (query_frame >= t)):
-        raise ValueError(f"query_points[:, 0] must be integer frame indices in [0, {t - 1}]")
+        raise InputError(f"query_points[:, 0] must be integer frame indices in [0, {t - 1}]")
     pred, gt = _to_256(pred_tracks, gt_points, image_size)
 
     frames = np.arange(t)[None]
@@ -96,13 +111,13 @@ def tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_poi
     evaluated = frames > q if query_mode == "first" else frames != q
     visible = ~gt_occluded & evaluated
     if not evaluated.any():
-        raise ValueError("no frames to evaluate (every query is on the last frame)")
+        raise InputError("no frames to evaluate (every query is on the last frame)")
     if not visible.any():
-        raise ValueError("no ground-truth-visible points in the evaluated frames")
+        raise InputError("no ground-truth-visible points in the evaluated frames")
     pred_visible = ~pred_occluded & evaluated
 
     metrics = {"occlusion_accuracy": float((pred_occluded == gt_occluded)[evaluated].mean())}
-    sq_dist = np.sum((pred - gt) ** 2, axis=-1)
+    sq_dist = np.where(missing, np.inf, np.sum(np.where(missing[..., None], 0.0, pred - gt) ** 2, axis=-1))
     for d in THRESHOLDS:
         within = sq_dist < d * d
         correct = within & visible
@@ -122,20 +137,66 @@ def temporal_coherence(pred_tracks, gt_points, gt_occluded, image_size) -> float
     authors' evaluation script computes it; query frames are not excluded).
 
     pred_tracks ``[N, T, 2]`` (x, y) pixels; gt_points ``[N, T, 2]`` normalized; gt_occluded
-    ``[N, T]`` bool; image_size ``(h, w)``. Needs ``T >= 3`` and one visible triplet.
+    ``[N, T]`` bool; image_size ``(h, w)``. Needs ``T >= 3`` and one visible triplet. Triplets
+    with a non-finite prediction (no estimate) are left out.
     """
     gt_points = _array(gt_points, "gt_points", (-1, -1, 2), "f")
     n, t = gt_points.shape[:2]
-    pred_tracks = _array(pred_tracks, "pred_tracks", (n, t, 2), "f")
+    pred_tracks = _array(pred_tracks, "pred_tracks", (n, t, 2), "f", finite=False)
     gt_occluded = _array(gt_occluded, "gt_occluded", (n, t), "b")
     if t < 3:
-        raise ValueError(f"temporal coherence needs at least 3 frames, got {t}")
+        raise InputError(f"temporal coherence needs at least 3 frames, got {t}")
     pred, gt = _to_256(pred_tracks, gt_points, image_size)
-    visible = ~(gt_occluded[:, :-2] | gt_occluded[:, 1:-1] | gt_occluded[:, 2:])
+    skip = gt_occluded | no_estimate(pred_tracks)
+    visible = ~(skip[:, :-2] | skip[:, 1:-1] | skip[:, 2:])
     if not visible.any():
-        raise ValueError("no point is visible in three consecutive frames")
+        raise InputError("no point is visible (and estimated) in three consecutive frames")
+    pred = np.where(np.isfinite(pred), pred, 0.0)
 
     def accel(x):
         return x[:, 2:] - 2 * x[:, 1:-1] + x[:, :-2]
 
     return float(np.linalg.norm(accel(pred) - accel(gt), axis=-1)[visible].mean())
+
+
+def evaluate_tracks(pred_tracks, pred_occluded, gt_points, gt_occluded, query_points, image_size,
+                    modes=("first", "strided")) -> dict:
+    """:func:`tapvid_metrics` for each query mode in ``modes`` (``{mode: metrics}``) and, with at
+    least 3 frames, ``"temporal_coherence"``. Arguments as :func:`tapvid_metrics`."""
+    out = {mode: tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_points, image_size, mode)
+           for mode in modes}
+    if np.shape(gt_points)[1] >= 3:
+        out["temporal_coherence"] = temporal_coherence(pred_tracks, gt_points, gt_occluded, image_size)
+    return out
+
+
+def evaluate(tracks_path: str, gt_path: str, modes=("first", "strided")) -> dict:
+    """:func:`evaluate_tracks` of a track file (``fastomni.query.load_tracks``) against ground truth
+    in TAP-Vid's layout: ``.npz`` with ``points [N, T, 2]`` normalized (x/w, y/h), ``occluded
+    [N, T]``, and ``video [T, H, W, 3]`` or the tracks file's ``image_size``; rows must correspond.
+    Query points come from the tracks file (else the ground truth's ``query_points``). The result
+    also holds ``"no_estimate"``: how many predicted positions are non-finite (counted as occluded)."""
+    from fastomni.query import load_tracks
+
+    pred = load_tracks(tracks_path)
+    with load_array(gt_path, "ground truth", ".npz") as gt:
+        missing = [k for k in ("points", "occluded") if k not in gt.files]
+        if missing:
+            raise InputError(f"{gt_path} lacks {missing} (TAP-Vid layout: points [N,T,2] normalized, occluded [N,T])")
+        points, occluded = gt["points"], gt["occluded"]
+        queries = pred.get("query_points", gt["query_points"] if "query_points" in gt.files else None)
+        size = (tuple(int(v) for v in pred["image_size"]) if "image_size" in pred
+                else tuple(gt["video"].shape[1:3]) if "video" in gt.files else None)
+    if queries is None:
+        raise InputError("no query points: neither the tracks file nor the ground truth has query_points")
+    if size is None:
+        raise InputError("image size unknown: the tracks file has no image_size and the ground truth no video")
+    if occluded.dtype.kind not in "biu":
+        raise InputTypeError(f"{gt_path}: occluded must be bool (or 0/1 integers), got {occluded.dtype}")
+    if points.shape[:2] != pred["tracks"].shape[:2]:
+        raise InputError(f"{os.path.basename(gt_path)} has {points.shape[0]} points x {points.shape[1]} frames "
+                         f"(shape {points.shape}), the tracks {pred['tracks'].shape[0]} x {pred['tracks'].shape[1]}: "
+                         "rows must correspond")
+    out = evaluate_tracks(pred["tracks"], pred["occluded"], points, occluded.astype(bool), queries, size, modes)
+    out["no_estimate"] = int(no_estimate(pred["tracks"]).sum())
+    return out

@@ -1,4 +1,5 @@
-"""The per-video optimization loop and the pipeline around it (video -> sequence -> model -> tracks).
+"""The per-video optimization loop: a model trained on a preprocessed sequence, checkpointed and
+resumable (the pipeline around it, video -> sequence -> model -> tracks, is :mod:`fastomni.pipeline`).
 
 A run folder holds everything of one optimization::
 
@@ -14,7 +15,11 @@ stopped by Ctrl-C or SIGTERM: the signal is deferred to the end of the current s
 saved, and :class:`Interrupted` is raised (a second signal aborts at once). Running again resumes
 from the latest checkpoint with nothing lost: model, Adam moments, learning-rate schedule, step,
 the ray-jitter generator, the sampler's generator and its hard-mining cache, so a resumed run
-computes the same numbers as one never stopped.
+computes the same numbers as one never stopped. A process killed between checkpoints resumes from
+the last one: the log lines of the steps it redoes are dropped from ``log.txt`` first.
+
+Resuming refuses, before anything in the run folder is rewritten, a run of another clip (another
+``data_dir``, frame count or image size) and one whose networks were built with other options.
 
 Example::
 
@@ -25,11 +30,9 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,9 +43,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastomni.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastomni.config import MODEL_KEYS, Config, config_to_text, load_config
-from fastomni.nn.model import OmniMotion
+from fastomni._atomic import write_atomic_text
+from fastomni.checkpoint import checkpoint_step, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
+from fastomni.config import FAMILIES, MODEL_KEYS, Config, config_to_text, load_config
+from fastomni.inputs import InputError
+from fastomni.nn.fast import FastOmniMotion
+from fastomni.nn.model import OmniMotion, RayModel
 from fastomni.query import pair_flows, track_points
 from fastomni.sampler import PairSampler
 from fastomni.train import make_optimizer, training_step
@@ -53,10 +59,7 @@ __all__ = [
     "build_model",
     "load_run",
     "optimize",
-    "prepare_sequence",
     "resolve_device",
-    "track_video",
-    "write_atomic_text",
 ]
 
 
@@ -88,32 +91,28 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"device {name!r} is not a torch device: {exc}") from None
+        raise InputError(f"device {name!r} is not a torch device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise InputError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
 
 
-def build_model(cfg: Config, num_imgs: int, h: int, w: int, device: torch.device | str = "cpu") -> OmniMotion:
-    """A fresh ``OmniMotion`` for ``cfg``, its weights drawn from ``cfg.seed``."""
+def build_model(cfg: Config, num_imgs: int, h: int, w: int, device: torch.device | str = "cpu",
+                family: str | None = None, options: dict | None = None) -> RayModel:
+    """A fresh model of ``family`` (default ``cfg.family``: ``OmniMotion`` or ``FastOmniMotion``
+    with the shape ``options``) for ``cfg``, its weights drawn from ``cfg.seed``."""
+    family = family or cfg.family
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = OmniMotion(num_imgs, h, w, num_samples_ray=cfg.num_samples_ray, min_depth=cfg.min_depth,
-                           max_depth=cfg.max_depth, pe_freq=cfg.pe_freq, use_affine=cfg.use_affine)
+        if family == "fast":
+            model = FastOmniMotion(num_imgs, h, w, num_samples_ray=cfg.num_samples_ray, min_depth=cfg.min_depth,
+                                   max_depth=cfg.max_depth, **(options or {}))
+        elif family == "original":
+            model = OmniMotion(num_imgs, h, w, num_samples_ray=cfg.num_samples_ray, min_depth=cfg.min_depth,
+                               max_depth=cfg.max_depth, pe_freq=cfg.pe_freq, use_affine=cfg.use_affine)
+        else:
+            raise InputError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     return model.to(device)
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 class _DeferredSignals:
@@ -153,19 +152,53 @@ def _check_resume_config(run_dir: str, cfg: Config) -> None:
     saved = load_config(path)
     changed = [f"{k}: {getattr(saved, k)} -> {getattr(cfg, k)}" for k in MODEL_KEYS if getattr(saved, k) != getattr(cfg, k)]
     if changed and latest_checkpoint(run_dir):
-        raise ValueError(f"{run_dir} holds checkpoints of a model with other options ({'; '.join(changed)}); "
+        raise InputError(f"{run_dir} holds checkpoints of a model with other options ({'; '.join(changed)}); "
                          "use another output folder or the same options")
 
 
-def _restore(ckpt_path: str, model, optimizer, scheduler, sampler: PairSampler, generator: torch.Generator,
+def _check_same_clip(source: str, ckpt: dict, sampler: PairSampler, run_dir: str, seq_dir: str) -> None:
+    """Refuse to continue ``ckpt`` (read from ``source``) on another clip than it was trained on."""
+    differ = []
+    if "num_imgs" in ckpt and int(ckpt["num_imgs"]) != sampler.num_imgs:
+        differ.append(f"frames: {int(ckpt['num_imgs'])} -> {sampler.num_imgs}")
+    if "image_size" in ckpt and tuple(int(v) for v in ckpt["image_size"]) != (sampler.h, sampler.w):
+        h, w = (int(v) for v in ckpt["image_size"])
+        differ.append(f"image size: {w}x{h} -> {sampler.w}x{sampler.h}")
+    own = os.path.dirname(os.path.abspath(source)) == os.path.abspath(run_dir)
+    cfg_path = os.path.join(run_dir, "config.txt")
+    if own and os.path.isfile(cfg_path):
+        trained_on = load_config(cfg_path).data_dir
+        if trained_on and os.path.realpath(trained_on) != os.path.realpath(seq_dir):
+            differ.append(f"data_dir: {trained_on} -> {seq_dir}")
+    if differ:
+        where = f"{run_dir} holds a run" if own else f"{source} is a checkpoint"
+        raise InputError(f"{where} of another clip ({'; '.join(differ)}); use another output folder "
+                         "(or the same sequence)")
+
+
+_LOG_STEP = re.compile(r"^step: (\d+) ")
+
+
+def _truncate_log(log_path: str, step: int) -> None:
+    """Drop the lines of steps after ``step`` (and a torn last line) from ``log_path``, atomically: a
+    run killed after its last checkpoint redoes those steps."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path, encoding="utf-8") as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] = ""  # torn by the kill: a line half written
+    kept = [line for line in lines if line and not ((m := _LOG_STEP.match(line)) and int(m.group(1)) > step)]
+    if len(kept) != len(lines):
+        write_atomic_text(log_path, "".join(kept))
+
+
+def _restore(ckpt: dict, source: str, model, optimizer, scheduler, sampler: PairSampler, generator: torch.Generator,
              cfg: Config, run_dir: str) -> int:
-    ckpt = load_checkpoint(ckpt_path, model, optimizer if cfg.load_opt else None,
-                           scheduler if cfg.load_scheduler else None, map_location=next(model.parameters()).device)
-    if "num_imgs" in ckpt and int(ckpt["num_imgs"]) != model.num_imgs:
-        raise ValueError(f"{ckpt_path} was trained on {ckpt['num_imgs']} frames, the sequence has {model.num_imgs}")
-    step = int(ckpt["step"]) if "step" in ckpt else checkpoint_step(ckpt_path)
+    restore_checkpoint(ckpt, model, optimizer if cfg.load_opt else None, scheduler if cfg.load_scheduler else None)
+    step = int(ckpt["step"]) if "step" in ckpt else checkpoint_step(source)
     rng = ckpt.get("rng")
-    if rng is not None and os.path.dirname(os.path.abspath(ckpt_path)) == os.path.abspath(run_dir):
+    if rng is not None and os.path.dirname(os.path.abspath(source)) == os.path.abspath(run_dir):
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         sampler.load_state_dict(rng["sampler"], run_dir)
@@ -196,14 +229,20 @@ def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> 
     device = resolve_device(cfg.device)
     sampler = PairSampler(seq_dir, cfg.num_pairs, cfg.num_pts, cfg.num_imgs, cfg.start_interval,
                           cfg.use_count_map, cfg.use_error_map, seed=cfg.loader_seed)
-    os.makedirs(run_dir, exist_ok=True)
+    sampler.check_flows()  # a bad flow file is found now, not at the step that first draws it
     existing = latest_checkpoint(run_dir)
     if cfg.no_reload and existing:
-        raise ValueError(f"{run_dir} already holds checkpoints (latest {os.path.basename(existing)}) and no_reload "
+        raise InputError(f"{run_dir} already holds checkpoints (latest {os.path.basename(existing)}) and no_reload "
                          "is set: delete them or use another output folder")
     if cfg.ckpt_path and not os.path.isfile(cfg.ckpt_path):
         raise FileNotFoundError(f"ckpt_path {cfg.ckpt_path} does not exist")
     _check_resume_config(run_dir, cfg)
+    source = "" if cfg.no_reload else (existing or cfg.ckpt_path)
+    ckpt = read_checkpoint(source, map_location=device) if source else None
+    if ckpt is not None:
+        _check_same_clip(source, ckpt, sampler, run_dir, seq_dir)
+    # Everything is checked: only now is the run folder written.
+    os.makedirs(run_dir, exist_ok=True)
     write_atomic_text(os.path.join(run_dir, "config.txt"), config_to_text(dataclasses.replace(cfg, data_dir=seq_dir)))
 
     model = build_model(cfg, sampler.num_imgs, sampler.h, sampler.w, device)
@@ -211,21 +250,22 @@ def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> 
                                           cfg.lrate_decay_factor)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    step, ckpt = 0, ""
-    source = "" if cfg.no_reload else (existing or cfg.ckpt_path)
-    if source:
-        step = _restore(source, model, optimizer, scheduler, sampler, generator, cfg, run_dir)
-        ckpt = source
+    step = 0
+    if ckpt is not None:
+        step = _restore(ckpt, source, model, optimizer, scheduler, sampler, generator, cfg, run_dir)
         if progress:
             tqdm.write(f"resuming from {source} at step {step}")
+    saved = source
+    log_path = os.path.join(run_dir, "log.txt")
+    _truncate_log(log_path, step)
 
     def save(s: int) -> str:
         rng = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "sampler": sampler.state_dict()}
         return save_checkpoint(run_dir, s, model, optimizer, scheduler, rng=rng, num_imgs=model.num_imgs,
                                image_size=(model.h, model.w))
 
-    log_path = os.path.join(run_dir, "log.txt")
-    bar = tqdm(total=cfg.num_iters, initial=min(step, cfg.num_iters), desc="optimize", unit="step",
+    bar = tqdm(total=cfg.num_iters, initial=min(step, cfg.num_iters), unit="step",
+               desc=f"optimize ({device.type}, {torch.get_num_threads()} threads)",
                disable=not progress, dynamic_ncols=True)
     try:
         with _DeferredSignals() as signals:
@@ -249,13 +289,13 @@ def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> 
                     bar.set_postfix(loss=f"{result.loss:.4f}", flow=f"{result.terms.get('flow', float('nan')):.3f}")
                 bar.update(1)
                 if (cfg.i_weight and step % cfg.i_weight == 0) or step == cfg.num_iters or signals.signum:
-                    ckpt = save(step)
+                    saved = save(step)
                 if signals.signum is not None:
-                    raise Interrupted(step, ckpt, signals.signum)
+                    raise Interrupted(step, saved, signals.signum)
     finally:
         bar.close()
     model.eval()
-    return OptimizeResult(model, step, ckpt, run_dir, time.perf_counter() - start_time)
+    return OptimizeResult(model, step, saved, run_dir, time.perf_counter() - start_time)
 
 
 def load_run(run_dir: str, device: str = "auto", checkpoint: str | None = None) -> tuple[OmniMotion, Config, int]:
@@ -268,89 +308,12 @@ def load_run(run_dir: str, device: str = "auto", checkpoint: str | None = None) 
     path = checkpoint or latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint (model_XXXXXX.pth); train first")
-    meta = torch.load(path, map_location="cpu", weights_only=False)
-    if "image_size" not in meta or "num_imgs" not in meta:
-        raise ValueError(f"{path} lacks num_imgs/image_size (not written by fastomni); cannot size the model")
-    h, w = meta["image_size"]
     dev = resolve_device(device)
-    model = build_model(cfg, int(meta["num_imgs"]), int(h), int(w), dev)
-    load_checkpoint(path, model, map_location=dev)
-    return model.eval(), cfg, int(meta["step"]) if "step" in meta else checkpoint_step(path)
-
-
-def prepare_sequence(video, run_dir: str, cfg: Config, progress: bool = True, max_interval: int | None = None,
-                     flow_preset: str = "full") -> tuple[str, dict]:
-    """Read ``video`` (a file, a frame folder or ``[T, H, W, 3]`` uint8), downscale it to
-    ``cfg.max_side``, keep ``cfg.num_imgs`` frames and preprocess it into ``run_dir/seq``.
-
-    Returns ``(seq_dir, info)`` with ``info = {"video_size": (h, w), "model_size": (h, w),
-    "num_frames": T, "sha256": of the frames}``, also written to ``run_dir/video.json``. A second
-    call with the same video reuses the stored frames and valid flows.
-    """
-    from fastomni.io import check_frames, load_video
-    from fastomni.preprocess import preprocess
-
-    if isinstance(video, np.ndarray):
-        full = check_frames(video, "video", min_frames=2)[: cfg.num_imgs]
-    else:
-        full = load_video(video, max_frames=cfg.num_imgs)
-    h, w = full.shape[1:3]
-    frames = full
-    if cfg.max_side and max(h, w) > cfg.max_side:
-        scale = cfg.max_side / max(h, w)
-        size = (max(2, round(h * scale)), max(2, round(w * scale)))
-        import cv2
-
-        frames = np.stack([cv2.resize(f, (size[1], size[0]), interpolation=cv2.INTER_AREA) for f in full])
-    info = {"video_size": [int(h), int(w)], "model_size": [int(frames.shape[1]), int(frames.shape[2])],
-            "num_frames": int(frames.shape[0]), "sha256": hashlib.sha256(frames.tobytes()).hexdigest()}
-    os.makedirs(run_dir, exist_ok=True)
-    seq_dir = os.path.join(run_dir, "seq")
-    info_path = os.path.join(run_dir, "video.json")
-    same = False
-    if os.path.isfile(info_path) and os.path.isdir(os.path.join(seq_dir, "color")):
-        with open(info_path) as f:
-            same = json.load(f).get("sha256") == info["sha256"]
-    # The stored JPEGs of this very video are reused as they are (a pixel-wise comparison with
-    # fresh frames would have to allow for JPEG noise); another video is left to preprocess to refuse.
-    preprocess(seq_dir if same else frames, seq_dir, max_interval=max_interval, progress=progress,
-               flow_preset=flow_preset)
-    write_atomic_text(info_path, json.dumps(info, indent=1) + "\n")
-    return seq_dir, info
-
-
-def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = False, progress: bool = True,
-                max_interval: int | None = None, flow_preset: str = "full") -> dict:
-    """The whole pipeline for query points of a video: :func:`prepare_sequence`, :func:`optimize`
-    (resuming when ``run_dir`` holds checkpoints), :func:`fastomni.query.track_points`, and
-    ``run_dir/tracks.npz`` in the video's pixels.
-
-    query_points: ``[N, 3]`` rows (t, y, x) in the video's pixels, checked before any work.
-    Returns ``{"path", "tracks" [N, T, 2], "occluded" [N, T], "scores" [N, T], "timings"}`` (seconds
-    per stage).
-    """
-    from fastomni.io import check_frames, load_video
-    from fastomni.query import check_query_points, rescale_points, save_tracks
-
-    timings = {}
-    start = time.perf_counter()
-    frames = (check_frames(video, "video", min_frames=2) if isinstance(video, np.ndarray)
-              else load_video(video, max_frames=cfg.num_imgs))[: cfg.num_imgs]
-    q = check_query_points(query_points, len(frames), *frames.shape[1:3])
-    seq_dir, info = prepare_sequence(frames, run_dir, cfg, progress, max_interval, flow_preset)
-    timings["preprocess"] = time.perf_counter() - start
-    result = optimize(seq_dir, run_dir, cfg, progress)
-    timings["optimize"] = result.seconds
-    start = time.perf_counter()
-    video_size, model_size = tuple(info["video_size"]), tuple(info["model_size"])
-    q_model = q.copy()
-    q_model[:, [2, 1]] = rescale_points(q[:, [2, 1]], video_size, model_size)
-    q_model[:, 2] = q_model[:, 2].clip(0, model_size[1] - 1)  # a border query stays on the border pixel
-    q_model[:, 1] = q_model[:, 1].clip(0, model_size[0] - 1)
-    tracks, occluded, scores = track_points(result.model, q_model, cfg.use_max_loc, cfg.occlusion_th, cfg.chunk_size,
-                                            progress=progress)
-    tracks = rescale_points(tracks, model_size, video_size).astype(np.float32)
-    tracks[np.arange(len(q)), q[:, 0].astype(np.int64)] = q[:, [2, 1]]  # the query itself, exactly
-    path = save_tracks(os.path.join(run_dir, "tracks.npz"), tracks, occluded, q, scores, video_size, half=half)
-    timings["track"] = time.perf_counter() - start
-    return {"path": path, "tracks": tracks, "occluded": occluded, "scores": scores, "timings": timings}
+    ckpt = read_checkpoint(path, map_location=dev)
+    if "image_size" not in ckpt or "num_imgs" not in ckpt:
+        raise InputError(f"{path} lacks num_imgs/image_size (not written by fastomni); cannot size the model")
+    h, w = ckpt["image_size"]
+    model = build_model(cfg, int(ckpt["num_imgs"]), int(h), int(w), dev, family=ckpt.get("family", "original"),
+                        options=ckpt.get("model_options"))
+    restore_checkpoint(ckpt, model)
+    return model.eval(), cfg, int(ckpt["step"]) if "step" in ckpt else checkpoint_step(path)

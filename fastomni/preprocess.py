@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastomni.io import atomic_output, check_frames, frame_files, load_video, write_frames
+from fastomni.inputs import InputError, InputTypeError
 
 __all__ = ["preprocess", "estimate_cost", "flow_estimator", "cycle_masks", "appearance_similarity",
-           "compose_flows", "frame_pairs", "FLOW_PRESETS"]
+           "bilinear_sample", "compose_flows", "edge_sample", "frame_pairs", "FLOW_PRESETS"]
 
 FLOW_PRESETS = ("full", "medium", "fast")
 OCCLUSION_MAX_INTERVAL = 2  # occluded-but-recoverable only for intervals 1 and 2, as the original
@@ -70,7 +71,7 @@ def flow_estimator(preset: str = "full"):
     ``"medium"`` stock DIS MEDIUM (stops at half resolution), ``"fast"`` stock DIS FAST.
     """
     if preset not in FLOW_PRESETS:
-        raise ValueError(f"flow preset must be one of {FLOW_PRESETS}, got {preset!r}")
+        raise InputError(f"flow preset must be one of {FLOW_PRESETS}, got {preset!r}")
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST if preset == "fast"
                                     else cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     if preset == "full":
@@ -89,24 +90,32 @@ def _pixel_grid(h: int, w: int) -> np.ndarray:
     return np.stack([xs, ys], axis=-1)
 
 
-def _sample(img: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Bilinear ``img [h, w, C]`` at pixel positions ``xy [H', W', 2]`` (x, y), zero outside the
-    image: exactly the original's ``grid_sample(align_corners=True)``. Returns ``[H', W', C]``."""
+def bilinear_sample(img: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear ``img [h, w, C]`` at pixel positions ``xy [..., 2]`` (x, y), zero outside the image:
+    exactly the original's ``grid_sample(align_corners=True)``. Returns ``[..., C]`` float32.
+    (The one bilinear sampler of the flow filters and of the training sampler's colours.)"""
     h, w = img.shape[:2]
+    xy = np.asarray(xy, np.float32)
     scale = np.array([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], np.float32)
-    grid = torch.from_numpy(np.ascontiguousarray(xy * scale - 1.0, dtype=np.float32))[None]
+    grid = torch.from_numpy(np.ascontiguousarray((xy * scale - 1.0).reshape(1, -1, 1, 2), dtype=np.float32))
     src = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0].permute(1, 2, 0).numpy()
+    return out[0, :, :, 0].T.numpy().reshape(*xy.shape[:-1], img.shape[2])
+
+
+def edge_sample(field: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear ``field [h, w, 2]`` float32 at pixel positions ``xy [..., 2]`` (x, y), edge values
+    continued outside the image (OpenCV ``remap``, as flow chaining needs). Returns ``[..., 2]``."""
+    pts = np.asarray(xy, np.float32).reshape(-1, 1, 2)
+    out = cv2.remap(field, pts[..., 0], pts[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(*np.shape(xy)[:-1], field.shape[-1])
 
 
 def compose_flows(flow_ab: np.ndarray, flow_bc: np.ndarray) -> np.ndarray:
     """Flow a -> c through b: ``F_ac(p) = F_ab(p) + F_bc(p + F_ab(p))`` (``[h, w, 2]`` float32;
     edge values continued outside the image)."""
     h, w = flow_ab.shape[:2]
-    target = _pixel_grid(h, w) + flow_ab
-    return flow_ab + cv2.remap(flow_bc, target[..., 0], target[..., 1], cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)
+    return flow_ab + edge_sample(flow_bc, _pixel_grid(h, w) + flow_ab)
 
 
 def appearance_similarity(frame_a: np.ndarray, frame_b: np.ndarray, flow_ab: np.ndarray) -> np.ndarray:
@@ -115,7 +124,7 @@ def appearance_similarity(frame_a: np.ndarray, frame_b: np.ndarray, flow_ab: np.
     ``frame_*``: ``[h, w, 3]`` uint8."""
     h, w = flow_ab.shape[:2]
     a = frame_a.astype(np.float32)
-    b = _sample(frame_b, _pixel_grid(h, w) + flow_ab)
+    b = bilinear_sample(frame_b, _pixel_grid(h, w) + flow_ab)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def blur(x):
@@ -139,17 +148,17 @@ def cycle_masks(flow_ab: np.ndarray, flow_ba: np.ndarray, interval: int, cycle_t
     h, w = flow_ab.shape[:2]
     grid = _pixel_grid(h, w)
     target = grid + flow_ab
-    err = flow_ab + _sample(flow_ba, target)
+    err = flow_ab + bilinear_sample(flow_ba, target)
     err_norm = np.linalg.norm(err, axis=-1)
     cycle = err_norm < cycle_th
     if interval >= APPEARANCE_MIN_INTERVAL:
         if similarity is None:
-            raise ValueError(f"interval {interval} >= {APPEARANCE_MIN_INTERVAL} needs the appearance similarity")
+            raise InputError(f"interval {interval} >= {APPEARANCE_MIN_INTERVAL} needs the appearance similarity")
         cycle &= similarity > appearance_th
     if interval > OCCLUSION_MAX_INTERVAL:
         return cycle, np.zeros_like(cycle)
     back = grid + err  # where p returns to after a -> b -> a
-    refwd = np.linalg.norm(back + _sample(flow_ab, back) - target, axis=-1)
+    refwd = np.linalg.norm(back + bilinear_sample(flow_ab, back) - target, axis=-1)
     in_image = (target[..., 0] >= 0) & (target[..., 0] <= w - 1) & (target[..., 1] >= 0) & (target[..., 1] <= h - 1)
     occluded = (refwd < cycle_th) & (err_norm > 1.5 * cycle_th) & in_image
     return cycle, occluded
@@ -165,12 +174,12 @@ def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
+        raise InputError(f"{name} must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise InputError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def estimate_cost(num_frames: int, h: int, w: int, max_interval: int | None = None, flow_preset: str = "full") -> dict:
@@ -234,18 +243,18 @@ def _resolve_input(frames_or_path, seq_dir: str) -> np.ndarray | None:
             load_video(color)  # validates the existing frames (readable, same size, >= 2)
             names = [os.path.basename(p) for p in frame_files(color)]
             if names != sorted(names):
-                raise ValueError(f"frame names in {color} sort differently as numbers and as text ({names[:3]} ...); "
+                raise InputError(f"frame names in {color} sort differently as numbers and as text ({names[:3]} ...); "
                                  "the original's loader sorts them as text: zero-pad them, or preprocess the folder "
                                  "into a new seq_dir (frames are then written as 00000.jpg ...)")
             return None
         frames = load_video(src)
     else:
-        raise TypeError("frames_or_path must be a [T, H, W, 3] uint8 array or a path, "
+        raise InputTypeError("frames_or_path must be a [T, H, W, 3] uint8 array or a path, "
                         f"got {type(frames_or_path).__name__}")
     if has_color:
         existing = load_video(color, min_frames=1)
         if not _same_video(existing, frames):
-            raise ValueError(f"{color} already holds a different video ({existing.shape[0]} frames of "
+            raise InputError(f"{color} already holds a different video ({existing.shape[0]} frames of "
                              f"{existing.shape[2]}x{existing.shape[1]} vs {frames.shape[0]} of {frames.shape[2]}x"
                              f"{frames.shape[1]}); use another seq_dir or delete it")
         return None
@@ -268,9 +277,9 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
     _check_int("max_interval", max_interval, 1, allow_none=True)
     _check_positive("cycle_th", cycle_th)
     if not isinstance(appearance_th, (int, float, np.integer, np.floating)) or not -1 <= appearance_th <= 1:
-        raise ValueError(f"appearance_th must be a number in [-1, 1] (an SSIM), got {appearance_th!r}")
+        raise InputError(f"appearance_th must be a number in [-1, 1] (an SSIM), got {appearance_th!r}")
     if flow_preset not in FLOW_PRESETS:
-        raise ValueError(f"flow_preset must be one of {FLOW_PRESETS}, got {flow_preset!r}")
+        raise InputError(f"flow_preset must be one of {FLOW_PRESETS}, got {flow_preset!r}")
     if os.path.exists(seq_dir) and not os.path.isdir(seq_dir):
         raise NotADirectoryError(f"seq_dir {seq_dir} exists and is not a folder")
     to_write = _resolve_input(frames_or_path, seq_dir)
@@ -299,7 +308,8 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
               f"({len(pairs) - len(todo)} reused, {len(todo)} to compute), "
               f"~{cost['flow_seconds_per_pair']:.3f} s flow + {cost['filter_seconds_per_pair']:.3f} s filtering "
               "per pair "
-              f"-> expect ~{seconds:.0f} s; {cost['flow_bytes'] / 2**20:.0f} MiB of flow files", flush=True)
+              f"-> expect ~{seconds:.0f} s ({cv2.getNumThreads()} OpenCV threads); "
+              f"{cost['flow_bytes'] / 2**20:.0f} MiB of flow files", flush=True)
 
     flow = flow_estimator(flow_preset)
 

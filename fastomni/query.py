@@ -5,7 +5,8 @@ per target frame, as ``viz.py``/``eval_video_correspondences`` run it): a query 
 are mapped to the canonical volume, composited, mapped into the target frame (the largest-weight
 sample with ``use_max_loc``, else the weight-composited point) and projected; the target frame's
 own ray at the predicted pixel gives the occlusion score ``sum_k w_k [d_k < depth - 1.1 (max-min)/K]``,
-occluded if above ``occlusion_th``. At the query's own frame the track is the query pixel, visible.
+occluded if above ``occlusion_th``, and (TAP-Vid's convention, not the original's) occluded where the
+track leaves the image. At the query's own frame the track is the query pixel, visible.
 
 The work is arranged differently, for the same numbers:
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 
@@ -47,10 +49,14 @@ from tqdm import tqdm
 
 from fastomni._atomic import atomic_output
 from fastomni._nvtx import annotate
+from fastomni.inputs import InputError, check_query_points, load_array
 from fastomni.nn.model import OmniMotion
 from fastomni.ops.composite import composite
 
 __all__ = [
+    "HALF_MAX_ERROR",
+    "NoEstimateWarning",
+    "PrecisionWarning",
     "check_query_points",
     "dense_tracks",
     "export_dense",
@@ -69,30 +75,6 @@ def _device(model: OmniMotion) -> torch.device:
 
 def _dtype(model: OmniMotion) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def check_query_points(query_points, num_frames: int, h: int, w: int) -> np.ndarray:
-    """Validate query points ``[N, 3]`` rows (t, y, x): t an integer frame index, (x, y) inside the
-    ``h x w`` image (half a pixel of slack at the borders). Returns them as float64 ``[N, 3]``."""
-    q = np.asarray(query_points)
-    if q.dtype.kind not in "iuf":
-        raise TypeError(f"query points must be numbers, got dtype {q.dtype}")
-    q = q.astype(np.float64)
-    if q.ndim != 2 or q.shape[1] != 3:
-        raise ValueError(f"query points must have shape [N, 3] with rows (t, y, x), got {q.shape}")
-    if not np.isfinite(q).all():
-        raise ValueError("query points contain NaN or infinity")
-    t, y, x = q[:, 0], q[:, 1], q[:, 2]
-    if (t != np.round(t)).any() or (t < 0).any() or (t >= num_frames).any():
-        bad = q[(t != np.round(t)) | (t < 0) | (t >= num_frames)][0]
-        raise ValueError(f"query point (t={bad[0]}, y={bad[1]}, x={bad[2]}): t must be a frame index in "
-                         f"0..{num_frames - 1}")
-    outside = (x < -0.5) | (x > w - 0.5) | (y < -0.5) | (y > h - 0.5)
-    if outside.any():
-        bad = q[outside][0]
-        raise ValueError(f"query point (t={int(bad[0])}, y={bad[1]}, x={bad[2]}) lies outside the {w}x{h} "
-                         f"image ({int(outside.sum())} such points)")
-    return q
 
 
 def rescale_points(xy: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
@@ -138,8 +120,7 @@ class _QueryRays:
 def _occlusion_scores(model: OmniMotion, j: int, px2: Tensor, depth: Tensor, chunk: int) -> Tensor:
     """Occlusion scores ``[N]`` of predicted pixels ``px2 [N, 2]`` at depths ``depth [N, 1]`` in frame
     ``j``, evaluating only the ray samples in front of ``depth - eps`` (the rest weigh nothing)."""
-    k = model.num_samples_ray
-    eps = 1.1 * (model.max_depth - model.min_depth) / k
+    eps = model.occlusion_eps
     scores = []
     for rows in torch.arange(len(px2), device=px2.device).split(max(1, chunk)):
         x, d = model.sample_rays(px2[rows][None])
@@ -162,11 +143,13 @@ def iter_tracks(model: OmniMotion, query_points, use_max_loc: bool = True, occlu
     """Yield, per target frame ``j``, ``(j, xy [N, 2] float32 (x, y) pixels, occluded [N] bool,
     scores [N] float32)`` for query points ``[N, 3]`` rows (t, y, x).
 
-    A point the model maps to a non-finite location (a diverged model) gets score NaN and is
+    A point mapped outside the image is reported occluded (TAP-Vid's convention, which its ground
+    truth follows). A point the model maps to a non-finite location (a diverged model) keeps that
+    location ("no estimate", see :func:`fastomni.metrics.no_estimate`), gets score NaN and is
     reported occluded."""
     q = check_query_points(query_points, model.num_imgs, model.h, model.w)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     was_training = model.training
     model.eval()
     try:
@@ -175,7 +158,8 @@ def iter_tracks(model: OmniMotion, query_points, use_max_loc: bool = True, occlu
         px = torch.from_numpy(q[:, [2, 1]]).to(dev, dt)
         with annotate("query.canonical"):
             rays = _QueryRays(model, frames, px, use_max_loc, chunk_size)
-        for j in tqdm(range(model.num_imgs), desc="track", unit="frame", disable=not progress):
+        desc = f"track ({dev.type}, {torch.get_num_threads()} threads)"
+        for j in tqdm(range(model.num_imgs), desc=desc, unit="frame", disable=not progress):
             with annotate("query.to_frame"):
                 px2, depth = rays.to_frame(model, j, chunk_size)
             with annotate("query.occlusion"):
@@ -184,7 +168,8 @@ def iter_tracks(model: OmniMotion, query_points, use_max_loc: bool = True, occlu
             sc = scores.float().cpu().numpy()
             own = frames == j
             xy[own], sc[own] = q[own][:, [2, 1]], 0.0
-            yield j, xy, (sc > occlusion_th) | np.isnan(sc), sc
+            outside = (xy[:, 0] < 0) | (xy[:, 0] > model.w - 1) | (xy[:, 1] < 0) | (xy[:, 1] > model.h - 1)
+            yield j, xy, (sc > occlusion_th) | np.isnan(sc) | ~np.isfinite(xy).all(-1) | outside, sc
     finally:
         model.train(was_training)
 
@@ -194,7 +179,7 @@ def track_points(model: OmniMotion, query_points, use_max_loc: bool = True, occl
     """Track query points ``[N, 3]`` rows (t, y, x) pixels through every frame.
 
     Returns ``(tracks [N, T, 2] float32 (x, y) pixels, occluded [N, T] bool, scores [N, T]
-    float32)``; ``occluded = scores > occlusion_th``.
+    float32)``; ``occluded``: ``scores > occlusion_th``, or outside the image (see :func:`iter_tracks`).
     """
     q = check_query_points(query_points, model.num_imgs, model.h, model.w)
     n, t = len(q), model.num_imgs
@@ -206,7 +191,7 @@ def track_points(model: OmniMotion, query_points, use_max_loc: bool = True, occl
 
 def _grid_queries(model: OmniMotion, query_frame: int) -> np.ndarray:
     if not 0 <= query_frame < model.num_imgs:
-        raise IndexError(f"query frame {query_frame} outside 0..{model.num_imgs - 1}")
+        raise InputError(f"query frame {query_frame} outside 0..{model.num_imgs - 1}")
     ys, xs = np.mgrid[0:model.h, 0:model.w]
     return np.stack([np.full(xs.size, query_frame), ys.ravel(), xs.ravel()], axis=1).astype(np.float64)
 
@@ -247,7 +232,7 @@ def _check_npz_path(path: str) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder} does not exist")
     if not path.endswith(".npz"):
-        raise ValueError(f"track files are .npz; {path} does not end in .npz")
+        raise InputError(f"track files are .npz; {path} does not end in .npz")
 
 
 def _write_entry(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
@@ -259,20 +244,54 @@ def _write_entry(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
 def _check_tracks(tracks, occluded, scores, query_points):
     tracks, occluded = np.asarray(tracks), np.asarray(occluded)
     if tracks.ndim != 3 or tracks.shape[-1] != 2:
-        raise ValueError(f"tracks must have shape [N, T, 2], got {tracks.shape}")
+        raise InputError(f"tracks must have shape [N, T, 2], got {tracks.shape}")
     if occluded.shape != tracks.shape[:2]:
-        raise ValueError(f"occluded must have shape {tracks.shape[:2]}, got {occluded.shape}")
+        raise InputError(f"occluded must have shape {tracks.shape[:2]}, got {occluded.shape}")
     if scores is not None and np.shape(scores) != tracks.shape[:2]:
-        raise ValueError(f"scores must have shape {tracks.shape[:2]}, got {np.shape(scores)}")
+        raise InputError(f"scores must have shape {tracks.shape[:2]}, got {np.shape(scores)}")
     if query_points is not None and np.shape(query_points) != (tracks.shape[0], 3):
-        raise ValueError(f"query_points must have shape ({tracks.shape[0]}, 3), got {np.shape(query_points)}")
+        raise InputError(f"query_points must have shape ({tracks.shape[0]}, 3), got {np.shape(query_points)}")
     return tracks, occluded
 
 
-def _stored_xy(xy: np.ndarray, start: np.ndarray | None, half: bool) -> np.ndarray:
-    # float16 keeps ~3 significant digits: store the displacement from the query point, which stays
-    # sub-pixel accurate for motions under a few hundred pixels.
-    return (xy - start).astype(np.float16) if half else xy.astype(np.float32)
+class PrecisionWarning(UserWarning):
+    """``half=True`` could not store some tracks as float16 within :data:`HALF_MAX_ERROR`; they were
+    stored as float32."""
+
+
+class NoEstimateWarning(UserWarning):
+    """A track file holds non-finite positions: points whose rays diverged, with no estimate (see
+    :func:`fastomni.metrics.no_estimate`)."""
+
+
+def _warn_no_estimate(path: str, missing: int, total: int) -> None:
+    if missing:
+        warnings.warn(f"{path}: {missing} of {total} track positions have no estimate (non-finite: the model "
+                      "diverged there); stored as they are, read as occluded", NoEstimateWarning, stacklevel=3)
+
+
+HALF_MAX_ERROR = 0.05  # pixels: the largest rounding error accepted for float16 displacements
+
+
+def _stored_xy(xy: np.ndarray, start: np.ndarray | None, half: bool) -> tuple[np.ndarray, str | None]:
+    """Tracks as stored, and why float16 was refused (None if it was not). Without ``half``: float32
+    pixels. With it: displacements from the query points ``start``, float16 if every finite one is
+    within float16's range and rounds by at most ``HALF_MAX_ERROR``, else float32 (float16 keeps
+    ~3 significant digits: 0.06 px at 128-256 px, 0.25 px at 512-1024)."""
+    if not half:
+        return xy.astype(np.float32), None
+    disp = np.asarray(xy, np.float64) - start
+    with np.errstate(over="ignore"):
+        f16 = disp.astype(np.float16)
+    finite = np.isfinite(disp)  # a diverged point stays non-finite: "no estimate" in either dtype
+    if (finite & ~np.isfinite(f16)).any():
+        reason = f"displacements up to {np.abs(disp[finite]).max():.0f} px exceed float16's range (65504)"
+    else:
+        err = float(np.abs(f16[finite].astype(np.float64) - disp[finite]).max(initial=0.0))
+        if err <= HALF_MAX_ERROR:
+            return f16, None
+        reason = f"float16 would round displacements by up to {err:.3f} px (limit {HALF_MAX_ERROR} px)"
+    return disp.astype(np.float32), reason
 
 
 def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, image_size=None,
@@ -280,15 +299,19 @@ def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, ima
     """Write tracks as a compressed ``.npz`` (atomically): ``tracks [N, T, 2]`` (x, y) pixels,
     ``occluded [N, T]`` bool, optional ``scores [N, T]``, ``query_points [N, 3]`` (t, y, x) and
     ``image_size`` (h, w). ``half`` stores tracks as float16 displacements from the query points
-    (needs ``query_points``) and scores as float16."""
+    (needs ``query_points``) and scores as float16; where float16 would round a displacement by
+    more than ``HALF_MAX_ERROR`` px or overflow, the tracks are stored float32 with a
+    :class:`PrecisionWarning`. Non-finite tracks (no estimate) are stored as they are, with a
+    :class:`NoEstimateWarning` giving their count."""
     tracks, occluded = _check_tracks(tracks, occluded, scores, query_points)
     if half and query_points is None:
-        raise ValueError("half=True stores displacements from the query points: pass query_points")
+        raise InputError("half=True stores displacements from the query points: pass query_points")
     _check_npz_path(path)
     with atomic_output(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             start = None if query_points is None else np.asarray(query_points, np.float64)[:, None, [2, 1]]
-            _write_entry(zf, "tracks", _stored_xy(tracks, start, half))
+            stored, refused = _stored_xy(tracks, start, half)
+            _write_entry(zf, "tracks", stored)
             _write_entry(zf, "occluded", occluded.astype(bool))
             _write_entry(zf, "relative", np.array(half))
             if scores is not None:
@@ -297,6 +320,9 @@ def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, ima
                 _write_entry(zf, "query_points", np.asarray(query_points, np.float32))
             if image_size is not None:
                 _write_entry(zf, "image_size", np.asarray(image_size, np.int64))
+    if refused:
+        warnings.warn(f"{path}: {refused}; stored float32 instead of float16", PrecisionWarning, stacklevel=2)
+    _warn_no_estimate(path, int((~np.isfinite(tracks).all(-1)).sum()), tracks.shape[0] * tracks.shape[1])
     return path
 
 
@@ -306,8 +332,9 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
     """Track every pixel of ``query_frame`` to every frame and write ``path`` (``.npz``), one entry
     per target frame (``tracks_{t:05d} [H*W, 2]``, ``occluded_…``, ``scores_…``) written as it is
     computed. ``scale_to`` (h, w) rescales tracks and query points to another image size (the
-    video's, when the model ran on downscaled frames). :func:`load_tracks` reassembles
-    ``[H*W, T, ...]``."""
+    video's, when the model ran on downscaled frames). ``half``: as in :func:`save_tracks`, decided
+    per target frame (one :class:`PrecisionWarning` lists the frames stored float32).
+    :func:`load_tracks` reassembles ``[H*W, T, ...]``."""
     queries = _grid_queries(model, query_frame)
     out_q = queries.copy()
     size = (model.h, model.w)
@@ -315,6 +342,7 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
         out_q[:, [2, 1]] = rescale_points(queries[:, [2, 1]], size, scale_to)
         size = tuple(scale_to)
     start = out_q[:, [2, 1]]
+    refused, missing = {}, 0
     _check_npz_path(path)
     with atomic_output(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -325,9 +353,16 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
             for j, xy, occ, sc in iter_tracks(model, queries, use_max_loc, occlusion_th, chunk_size, progress=progress):
                 if scale_to is not None:
                     xy = rescale_points(xy, (model.h, model.w), scale_to)
-                _write_entry(zf, f"tracks_{j:05d}", _stored_xy(xy, start, half))
+                stored, refused[j] = _stored_xy(xy, start, half)
+                missing += int((~np.isfinite(xy).all(-1)).sum())
+                _write_entry(zf, f"tracks_{j:05d}", stored)
                 _write_entry(zf, f"occluded_{j:05d}", occ)
                 _write_entry(zf, f"scores_{j:05d}", sc.astype(np.float16 if half else np.float32))
+    frames32 = [j for j, why in refused.items() if why]
+    if frames32:
+        warnings.warn(f"{path}: {len(frames32)} of {model.num_imgs} target frames stored float32 instead of float16 "
+                      f"(frame {frames32[0]}: {refused[frames32[0]]})", PrecisionWarning, stacklevel=2)
+    _warn_no_estimate(path, missing, len(queries) * model.num_imgs)
     return path
 
 
@@ -338,21 +373,16 @@ def load_tracks(path: str, frames=None) -> dict[str, np.ndarray]:
     when stored, ``scores [N, T]`` float32, ``query_points [N, 3]`` (t, y, x), ``image_size`` (h, w).
     ``frames``: for dense files, read only these target frames (``T = len(frames)``).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"track file not found: {path}")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file to the user
-        raise ValueError(f"{path} is not a readable .npz track file: {exc}") from None
+    z = load_array(path, "track file", ".npz")
     with z:
         keys = set(z.files)
         out = {k: z[k] for k in ("query_points", "image_size", "num_frames") if k in keys}
         relative = bool(z["relative"]) if "relative" in keys else False
         if "tracks" in keys:
             if "occluded" not in keys:
-                raise ValueError(f"{path} has tracks but no occluded array")
+                raise InputError(f"{path} has tracks but no occluded array")
             if frames is not None:
-                raise ValueError(f"{path} is a sparse track file; frames= applies to dense exports only")
+                raise InputError(f"{path} is a sparse track file; frames= applies to dense exports only")
             out["tracks"], out["occluded"] = z["tracks"], z["occluded"]
             if "scores" in keys:
                 out["scores"] = z["scores"]
@@ -360,18 +390,18 @@ def load_tracks(path: str, frames=None) -> dict[str, np.ndarray]:
             total = int(out.pop("num_frames"))
             frames = range(total) if frames is None else [int(j) for j in frames]
             if any(not 0 <= j < total for j in frames):
-                raise IndexError(f"frames {list(frames)} outside 0..{total - 1} of {path}")
+                raise InputError(f"frames {list(frames)} outside 0..{total - 1} of {path}")
             missing = [j for j in frames if f"tracks_{j:05d}" not in keys]
             if missing:
-                raise ValueError(f"{path} lacks target frames {missing[:5]} (of 0..{total - 1}); incomplete export?")
+                raise InputError(f"{path} lacks target frames {missing[:5]} (of 0..{total - 1}); incomplete export?")
             out["tracks"] = np.stack([z[f"tracks_{j:05d}"] for j in frames], axis=1)
             out["occluded"] = np.stack([z[f"occluded_{j:05d}"] for j in frames], axis=1)
             out["scores"] = np.stack([z[f"scores_{j:05d}"] for j in frames], axis=1)
         else:
-            raise ValueError(f"{path} is not a fastomni track file (no 'tracks' entry)")
+            raise InputError(f"{path} is not a fastomni track file (no 'tracks' entry)")
     if relative:
         if "query_points" not in out:
-            raise ValueError(f"{path} stores relative tracks but no query_points")
+            raise InputError(f"{path} stores relative tracks but no query_points")
         out["tracks"] = (out["tracks"].astype(np.float64) + out["query_points"][:, None, [2, 1]]).astype(np.float32)
     out["tracks"] = out["tracks"].astype(np.float32)
     out["occluded"] = out["occluded"].astype(bool)

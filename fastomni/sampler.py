@@ -35,15 +35,16 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import os
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from fastomni._atomic import atomic_output
+from fastomni.inputs import InputError, read_json
 from fastomni.io import frame_files
+from fastomni.preprocess import bilinear_sample
 
 __all__ = ["INTERVAL_GROWTH_STEPS", "PairSampler", "error_cache_path"]
 
@@ -57,7 +58,7 @@ def error_cache_path(folder: str, step: int) -> str:
 def _read_image(path: str, flags=cv2.IMREAD_COLOR) -> np.ndarray:
     img = cv2.imread(path, flags)
     if img is None:
-        raise ValueError(f"cannot read image {path} (missing, corrupt or unsupported)")
+        raise InputError(f"cannot read image {path} (missing, corrupt or unsupported)")
     return img
 
 
@@ -74,9 +75,9 @@ class PairSampler:
     def __init__(self, seq_dir: str, num_pairs: int = 8, num_pts: int = 256, num_imgs: int | None = None,
                  start_interval: int = 20, use_count_map: bool = True, use_error_map: bool = True, seed: int = 12):
         if num_pairs < 1 or num_pts < 1:
-            raise ValueError(f"num_pairs and num_pts must be >= 1, got {num_pairs} and {num_pts}")
+            raise InputError(f"num_pairs and num_pts must be >= 1, got {num_pairs} and {num_pts}")
         if start_interval < 1:
-            raise ValueError(f"start_interval must be >= 1, got {start_interval}")
+            raise InputError(f"start_interval must be >= 1, got {start_interval}")
         self.seq_dir = os.fspath(seq_dir)
         self.num_pairs, self.num_pts = num_pairs, num_pts
         self.start_interval = start_interval
@@ -89,13 +90,13 @@ class PairSampler:
         if num_imgs is not None:
             names = names[:num_imgs]
         if len(names) < 2:
-            raise ValueError(f"{color} has {len(names)} frame(s); a sequence needs at least 2")
+            raise InputError(f"{color} has {len(names)} frame(s); a sequence needs at least 2")
         self.names = names
         self.num_imgs = len(names)
         self.images = np.stack([cv2.cvtColor(_read_image(os.path.join(color, n)), cv2.COLOR_BGR2RGB) for n in names])
         shapes = {img.shape for img in self.images}
         if len(shapes) != 1:
-            raise ValueError(f"frames in {color} differ in size: {sorted(shapes)}")
+            raise InputError(f"frames in {color} differ in size: {sorted(shapes)}")
         self.h, self.w = self.images.shape[1:3]
         self.pair_probs = self._pair_probabilities()
         self.count_maps = self._count_maps() if use_count_map else None
@@ -112,21 +113,17 @@ class PairSampler:
         path = os.path.join(self.seq_dir, "flow_stats.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found (run `fastomni preprocess` first)")
-        try:
-            with open(path) as f:
-                stats = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        stats = read_json(path, "flow stats")
         index = {n: k for k, n in enumerate(self.names)}
         probs = []
         for i, name in enumerate(self.names):
             if name not in stats:
-                raise ValueError(f"{path} has no entry for frame {name!r}")
+                raise InputError(f"{path} has no entry for frame {name!r}")
             counts = {index[b]: float(c) for b, c in stats[name].items() if b in index and b != name}
             if not counts:
-                raise ValueError(f"{path}: frame {name!r} has no flow to any other frame")
+                raise InputError(f"{path}: frame {name!r} has no flow to any other frame")
             if any(c < 0 or not np.isfinite(c) for c in counts.values()):
-                raise ValueError(f"{path}: frame {name!r} has a negative or non-finite count")
+                raise InputError(f"{path}: frame {name!r} has a negative or non-finite count")
             total = sum(counts.values())
             probs.append({j: (c / total if total > 0 else 0.0) for j, c in counts.items()})
         return probs
@@ -137,7 +134,7 @@ class PairSampler:
             path = os.path.join(self.seq_dir, "count_maps", os.path.splitext(name)[0] + ".png")
             cm = _read_image(path, cv2.IMREAD_UNCHANGED)
             if cm.shape[:2] != (self.h, self.w) or cm.ndim != 2:
-                raise ValueError(f"count map {path} must be a {self.w}x{self.h} single-channel image, "
+                raise InputError(f"count map {path} must be a {self.w}x{self.h} single-channel image, "
                                  f"got shape {cm.shape}")
             maps.append(cm.astype(np.float32))
         return np.stack(maps)
@@ -146,17 +143,31 @@ class PairSampler:
         path = os.path.join(self.seq_dir, "raft_exhaustive", f"{self.names[i]}_{self.names[j]}.npy")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input flow {path} not found (is the sequence fully preprocessed?)")
-        flow = np.load(path)
-        if flow.shape != (self.h, self.w, 2):
-            raise ValueError(f"flow {path} must have shape ({self.h}, {self.w}, 2), got {flow.shape}")
+        try:
+            flow = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"input flow {path} is not a readable .npy array: {exc}") from None
+        if flow.shape != (self.h, self.w, 2) or flow.dtype.kind != "f":
+            raise InputError(f"flow {path} must have shape ({self.h}, {self.w}, 2) (float), got "
+                             f"{flow.dtype} {flow.shape}")
+        if not np.isfinite(flow).all():
+            raise InputError(f"flow {path} contains NaN or infinity")
         return flow.astype(np.float32, copy=False)
+
+    def check_flows(self) -> None:
+        """Read every input flow the sampler can draw (the pairs of ``flow_stats.json``) once, so that a
+        missing, malformed or non-finite flow is reported before training starts, not at the step
+        that first draws it."""
+        for i, targets in enumerate(self.pair_probs):
+            for j in targets:
+                self._flow(i, j)
 
     def _masks(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(cycle-consistent, occluded-recoverable) ``[H, W]`` bool masks of pair (i, j)."""
         path = os.path.join(self.seq_dir, "raft_masks", f"{self.names[i]}_{self.names[j]}.png")
         img = _read_image(path)  # BGR: R is channel 2
         if img.shape[:2] != (self.h, self.w):
-            raise ValueError(f"mask {path} must be {self.w}x{self.h}, got {img.shape[1]}x{img.shape[0]}")
+            raise InputError(f"mask {path} must be {self.w}x{self.h}, got {img.shape[1]}x{img.shape[0]}")
         return img[..., 2] > 0, img[..., 1] > 0
 
     # -- sampling -------------------------------------------------------------------------------
@@ -167,7 +178,7 @@ class PairSampler:
     def _draw_target(self, i: int, max_interval: int) -> int:
         cands = np.array(sorted(j for j in self.pair_probs[i] if abs(j - i) <= max_interval))
         if cands.size == 0:
-            raise ValueError(f"frame {self.names[i]} has no flow to a frame within {max_interval} frames")
+            raise InputError(f"frame {self.names[i]} has no flow to a frame within {max_interval} frames")
         p = np.array([self.pair_probs[i][j] for j in cands])
         p = p / p.sum() if p.sum() > 0 else np.full(len(cands), 1.0 / len(cands))
         p[np.abs(cands - i) <= 1] = 0.5
@@ -213,19 +224,11 @@ class PairSampler:
         weight = 0.0 if invalid else float(np.cos((abs(i - j) - 1.0) / max_interval * np.pi / 2))
         weights = np.full((self.num_pts, 1), weight, np.float32)
         rgb1 = self.images[i].reshape(-1, 3)[flat][sel].astype(np.float32) / 255.0
-        rgb2 = self._bilinear(j, pts2)
+        rgb2 = bilinear_sample(self.images[j], pts2) / np.float32(255.0)  # zero outside, as the original
         if self.rng.integers(2):
             i, j, pts1, pts2, rgb1 = j, i, pts2, pts1, rgb2
             weights[~covisible] = 0.0
         return {"ids1": i, "ids2": j, "pts1": pts1, "pts2": pts2, "gt_rgb1": rgb1, "weights": weights}
-
-    def _bilinear(self, j: int, pts: np.ndarray) -> np.ndarray:
-        """Frame ``j``'s colours ``[P, 3]`` at pixels ``pts [P, 2]``: bilinear, zero outside (as the
-        original's ``grid_sample(align_corners=True)``)."""
-        img = torch.from_numpy(self.images[j]).permute(2, 0, 1)[None].float() / 255.0
-        scale = torch.tensor([self.w - 1.0, self.h - 1.0])
-        grid = (torch.from_numpy(pts) / scale * 2 - 1)[None, None]
-        return F.grid_sample(img, grid, align_corners=True)[0, :, 0].T.numpy()
 
     def sample(self, step: int) -> dict[str, torch.Tensor]:
         """A batch for training step ``step``: ``ids1``, ``ids2`` LongTensor ``[n]``; ``pts1``,
@@ -250,7 +253,7 @@ class PairSampler:
         on :meth:`cache_pairs`; with ``folder``, also write it there (atomically) for resumption."""
         pred_flows = np.asarray(pred_flows, dtype=np.float32)
         if pred_flows.shape != (self.num_imgs, self.h, self.w, 2):
-            raise ValueError(f"pred_flows must have shape {(self.num_imgs, self.h, self.w, 2)}, got {pred_flows.shape}")
+            raise InputError(f"pred_flows must have shape {(self.num_imgs, self.h, self.w, 2)}, got {pred_flows.shape}")
         ids1, ids2 = self.cache_pairs()
         maps, errors = [], []
         for i, j in zip(ids1, ids2):
@@ -261,23 +264,15 @@ class PairSampler:
         self.cache_step = step
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
-            path = error_cache_path(folder, step)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    np.savez(f, error_maps=self.error_maps, frame_errors=self.frame_errors, step=step)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with atomic_output(error_cache_path(folder, step)) as tmp:
+                np.savez(tmp, error_maps=self.error_maps, frame_errors=self.frame_errors, step=step)
 
     def load_error_cache(self, path: str) -> None:
         """Load a cache written by :meth:`set_error_cache`."""
         with np.load(path) as z:
             maps, errors, step = z["error_maps"], z["frame_errors"], int(z["step"])
         if maps.shape != (self.num_imgs, self.h, self.w):
-            raise ValueError(f"error cache {path} has shape {maps.shape}, this sequence needs "
+            raise InputError(f"error cache {path} has shape {maps.shape}, this sequence needs "
                              f"{(self.num_imgs, self.h, self.w)}")
         self.error_maps, self.frame_errors, self.cache_step = maps, errors, step
 

@@ -2,8 +2,9 @@
 
 Points are coloured along the turbo colormap by their first visible position (top-to-bottom, then
 left-to-right), so neighbours get similar colours and a tracking failure stands out as a colour
-out of place. Frames smaller than 512 px on their longer side are enlarged by an integer factor
-first, so the markers stay legible.
+out of place. A non-finite position (no estimate, :func:`fastomni.metrics.no_estimate`) is not
+drawn: neither the point nor a trail or path segment ending there. Frames smaller than 512 px on
+their longer side are enlarged by an integer factor first, so the markers stay legible.
 
 Example::
 
@@ -22,7 +23,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from fastomni.inputs import InputError, InputTypeError
 from fastomni.io import atomic_output, check_frames, write_video
+from fastomni.metrics import no_estimate
 
 __all__ = ["render_trails", "plot_trajectories", "point_colors"]
 
@@ -30,28 +33,30 @@ MIN_SIDE = 512
 _SHIFT = 4  # sub-pixel bits for OpenCV drawing
 
 
-def _check_tracks(frames, tracks, occluded) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_tracks(frames, tracks, occluded) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(frames, tracks float64 with non-finite entries set to 0, occluded or missing, missing
+    [N, T] bool)``."""
     frames = check_frames(frames)
     t = frames.shape[0]
     tracks = np.asarray(tracks)
     if tracks.ndim != 3 or tracks.shape[1:] != (t, 2):
-        raise ValueError(f"tracks must have shape [N, {t}, 2] (x, y) for {t} frames, got {tracks.shape}")
+        raise InputError(f"tracks must have shape [N, {t}, 2] (x, y) for {t} frames, got {tracks.shape}")
     if tracks.dtype.kind not in "fiu":
-        raise TypeError(f"tracks must be numeric, got {tracks.dtype}")
-    if not np.isfinite(tracks).all():
-        raise ValueError("tracks contain NaN or inf")
+        raise InputTypeError(f"tracks must be numeric, got {tracks.dtype}")
     occluded = np.asarray(occluded)
     if occluded.dtype != bool:
-        raise TypeError(f"occluded must be a bool array, got {occluded.dtype}")
+        raise InputTypeError(f"occluded must be a bool array, got {occluded.dtype}")
     if occluded.shape != tracks.shape[:2]:
-        raise ValueError(f"occluded must have shape {tracks.shape[:2]} (like tracks[..., 0]), got {occluded.shape}")
-    return frames, tracks.astype(np.float64), occluded
+        raise InputError(f"occluded must have shape {tracks.shape[:2]} (like tracks[..., 0]), got {occluded.shape}")
+    missing = no_estimate(tracks)
+    tracks = np.where(missing[..., None], 0.0, tracks.astype(np.float64))
+    return frames, tracks, occluded | missing, missing
 
 
 def _check_out(path, ext: str) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(ext):
-        raise ValueError(f"output {path} must end in {ext}")
+        raise InputError(f"output {path} must end in {ext}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder} does not exist")
@@ -95,10 +100,10 @@ def render_trails(frames: np.ndarray, tracks: np.ndarray, occluded: np.ndarray, 
     (x, y) pixels drawn at its current position, filled when visible and hollow when ``occluded
     [N, T]`` bool, trailing the segments of its last ``trail`` frames in which it is visible at
     both ends. Returns ``out_path``."""
-    frames, tracks, occluded = _check_tracks(frames, tracks, occluded)
+    frames, tracks, occluded, missing = _check_tracks(frames, tracks, occluded)
     out_path = _check_out(out_path, ".mp4")
     if not isinstance(trail, (int, np.integer)) or isinstance(trail, bool) or trail < 0:
-        raise ValueError(f"trail must be an int >= 0, got {trail!r}")
+        raise InputError(f"trail must be an int >= 0, got {trail!r}")
     t_count, h, w = frames.shape[:3]
     scale = _scale(h, w)
     colors = [tuple(int(c) for c in rgb[::-1]) for rgb in point_colors(tracks, occluded)]
@@ -113,6 +118,8 @@ def render_trails(frames: np.ndarray, tracks: np.ndarray, occluded: np.ndarray, 
                     cv2.line(img, _fixed(tracks[n, s], scale), _fixed(tracks[n, s + 1], scale), color, thick,
                              cv2.LINE_AA, _SHIFT)
         for n, color in enumerate(colors):
+            if missing[n, t]:
+                continue
             center = _fixed(tracks[n, t], scale)
             if occluded[n, t]:
                 cv2.circle(img, center, radius, color, ring, cv2.LINE_AA, _SHIFT)
@@ -128,7 +135,7 @@ def plot_trajectories(frames: np.ndarray, tracks: np.ndarray, occluded: np.ndarr
     of ``frames [T, H, W, 3]`` uint8 RGB (dimmed): solid where the point is visible at both ends of
     a step, dotted where ``occluded [N, T]`` bool at either end, a filled dot at its first visible
     position. Returns ``out_png``."""
-    frames, tracks, occluded = _check_tracks(frames, tracks, occluded)
+    frames, tracks, occluded, missing = _check_tracks(frames, tracks, occluded)
     out_png = _check_out(out_png, ".png")
     h, w = frames.shape[1:3]
     scale = _scale(h, w)
@@ -139,6 +146,8 @@ def plot_trajectories(frames: np.ndarray, tracks: np.ndarray, occluded: np.ndarr
     for n, color in enumerate(colors):
         for s in range(tracks.shape[1] - 1):
             a, b = tracks[n, s], tracks[n, s + 1]
+            if missing[n, s] or missing[n, s + 1]:
+                continue
             if occluded[n, s] or occluded[n, s + 1]:
                 steps = max(2, int(np.hypot(*(b - a)) * scale / 4))
                 for f in np.linspace(0, 1, steps)[::2]:

@@ -2,9 +2,9 @@
 
 Tiling: a program takes ``BLOCK_R`` rays x ``BLOCK_K`` samples (``BLOCK_K`` = K rounded up to a
 power of two, ``BLOCK_R * BLOCK_K`` = 1024 elements, 4 warps, registers only). The depth grid
-(``linspace``, or the interval bounds ``lower`` and ``upper - lower`` when jittering) is computed
-once on the host by the reference's own formula (K values) and read from cache, so every backend
-uses the same depths.
+(the float32 ``linspace`` cast to the pixels' dtype, or the interval bounds ``lower`` and ``upper -
+lower`` when jittering) is computed once on the host by the reference's own functions (K values) and
+read from cache, so every backend uses the same depths.
 
 Bytes per ray of K samples (s = element size): forward reads ``2 s`` (+ ``K s`` of noise), writes
 ``4 K s`` (points and depths); backward reads ``3 K s`` of gradient, writes ``2 s``.
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastomni.reference.stratified_sample import depth_bounds
+from fastomni.reference.stratified_sample import depth_bounds, depth_grid
 
 __all__ = ["stratified_sample_bwd", "stratified_sample_fwd"]
 
@@ -71,7 +71,7 @@ def stratified_sample_fwd(px: torch.Tensor, noise: torch.Tensor | None, h: int, 
     points, depths = px.new_empty(R, K, 3), px.new_empty(R, K, 1)
     # the reference's own grid (K values): the linspace, or the interval bounds when jittering
     if noise is None:
-        base = width = torch.linspace(min_depth, max_depth, K, dtype=px.dtype, device=px.device)
+        base = width = depth_grid(K, min_depth, max_depth, px.dtype, px.device)
     else:
         base, upper = depth_bounds(K, min_depth, max_depth, px.dtype, px.device)
         width = upper - base

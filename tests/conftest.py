@@ -9,15 +9,32 @@ from pathlib import Path
 import pytest
 import torch
 
-# (atol, rtol) per dtype for comparing a backend with the reference backend. float32: kernels
-# reorder sums (GEMM blocking, fused reductions), so a few ulps of the largest terms; float64: tight.
+# Every tolerance of the tests (STYLE rule 11). Keyed by dtype: (atol, rtol) for comparing a
+# backend with the reference backend. float32: kernels reorder sums (GEMM blocking, fused
+# reductions), so a few ulps of the largest terms; float64: tight. Keyed by name: the other
+# comparisons, each with why it is that loose.
 TOLERANCES = {
     torch.float32: dict(atol=2e-5, rtol=2e-4),
     torch.float64: dict(atol=1e-10, rtol=1e-8),
+    # the golden file (tests/test_golden.py), relative to each output's largest magnitude: float64
+    # is the original's math (~1e-11 after these weights amplify rounding ~1e4); float32 is
+    # ``factor`` x the original's own float32 error, taken as at least ``floor`` (a few ulps)
+    "golden_float64": dict(rtol=1e-9),
+    "golden_float32": dict(factor=10.0, floor=2.0**-21),
+    # inverse(forward(x)) == x in float32 through 6 coupling layers, |x| <= 1 (each layer's exp(s)
+    # and its inverse round separately: ~1e-6 measured)
+    "float32_round_trip": dict(atol=1e-5, rtol=0.0),
+    # pixels of a few-pixel image computed in float64 by two paths and stored as float32 tracks
+    # (query.py): float32 storage alone rounds by ~5e-7; the rest is the two paths' sums
+    "float32_pixels": dict(atol=1e-4, rtol=0.0),
+    # the same float32 tracks from two equal computations in different chunks (sparse vs dense)
+    "float32_pixels_same_path": dict(atol=1e-5, rtol=0.0),
+    # occlusion scores in [0, 1], float64 by two paths, stored as float32
+    "float32_scores": dict(atol=1e-6, rtol=0.0),
+    # float16 exports (``--half``): displacements of up to ~2x the image size keep 11 bits
+    "float16_pixels": dict(atol=2e-2, rtol=0.0),
+    "float16_scores": dict(atol=1e-3, rtol=0.0),
 }
-# Golden comparisons against the original code's float32 outputs: relative to each output's
-# largest magnitude (see tests/test_golden.py for why end-to-end chains need more).
-GOLDEN_RTOL = 1e-4
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_PATH = Path(os.environ.get("FASTOMNI_GOLDEN", REPO.parent / "shared" / "reference" / "omnimotion_golden.pt"))

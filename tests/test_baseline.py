@@ -66,12 +66,13 @@ def test_lost_points_stay_occluded():
 
 @pytest.mark.parametrize("query, error, match", [
     (np.zeros((3, 2)), ValueError, r"\[N, 3\]"),
-    (np.array([[0.5, 1, 1]]), ValueError, "integer frame"),
-    (np.array([[6, 1, 1]]), ValueError, "integer frame"),
-    (np.array([[0, 1, 64]]), ValueError, "inside"),
-    (np.array([[0, -1, 1]]), ValueError, "inside"),
+    (np.zeros((0, 3)), ValueError, "no query points"),
+    (np.array([[0.5, 1, 1]]), ValueError, "frame index"),
+    (np.array([[6, 1, 1]]), ValueError, "frame index"),
+    (np.array([[0, 1, 64]]), ValueError, "outside"),
+    (np.array([[0, -1, 1]]), ValueError, "outside"),
     (np.array([[0, np.nan, 1]]), ValueError, "NaN"),
-    (np.array([["a", "b", "c"]]), TypeError, "numeric"),
+    (np.array([["a", "b", "c"]]), TypeError, "numbers"),
 ])
 def test_bad_queries(query, error, match):
     with pytest.raises(error, match=match):

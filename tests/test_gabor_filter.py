@@ -285,6 +285,32 @@ def test_dispatch_errors():
                                              torch.empty(0))
 
 
+def test_huge_and_non_finite_sin_arguments():
+    """sin/cos arguments beyond the CPU kernel's fast range (|z| >= 2^16 pi/2 ~ 102944), and NaN
+    and inf inputs, give torch.sin/cos's values (NaN in, NaN out), forward and backward. Weights are
+    powers of two and the bias 0, so z = x w is exact on every path; gamma is tiny, so the envelope
+    is ~1 where |x| is finite. (The Triton kernel's float32 sin/cos has the same range limit and no
+    fallback yet: under the interpreter the 1e30 row gives NaN, not 0.)"""
+    backend = "cpu"
+    device = backend_device(OP, backend)
+    x = torch.tensor([0.5, -3.0, 100.0, 100.5, 1.0e5, 1.03e5, -2.5e7, 1.0e6, 3.3e5, 1e30, math.nan, math.inf,
+                      -math.inf], dtype=torch.float32, device=device)[:, None].requires_grad_()
+    w = torch.tensor([1.0, 2.0, 1024.0, 2048.0, 0.0], device=device)[:, None]  # z = 102400 (fast), 204800 (not)
+    params = [w, torch.zeros(5, device=device), torch.zeros(5, 1, device=device),
+              torch.full((5,), 1e-30, device=device)]
+    want = ref.gabor_step(x, *params)
+    with use_backend(backend):
+        got = gabor_step(x, *params)
+    assert got[-3:, :4].isnan().all() and not got[:-3].isnan().any()
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], equal_nan=True)
+    grad = torch.ones_like(want)
+    finite = slice(0, -3)  # the NaN rows' gradients are NaN on every side
+    want_g = torch.autograd.grad(want, x, grad)[0]
+    got_g = torch.autograd.grad(got, x, grad)[0]
+    torch.testing.assert_close(got_g[finite], want_g[finite], **TOLERANCES[torch.float32])
+    assert got_g[-3:].isnan().all()
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
 def test_triton_compiles_for_sm90():
     """A real compile to PTX and cubin for sm_90 of every Triton kernel (no GPU needed)."""

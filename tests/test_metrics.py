@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastomni.metrics import tapvid_metrics, temporal_coherence
+from fastomni.metrics import evaluate_tracks, no_estimate, tapvid_metrics, temporal_coherence
 
 # A 64 x 128 (h x w) video: at 256 x 256, x errors are doubled and y errors quadrupled.
 H, W = 64, 128
@@ -87,7 +87,6 @@ def test_temporal_coherence_by_hand():
 
 @pytest.mark.parametrize("field, value, error, match", [
     ("pred", np.zeros((2, 3, 2)), ValueError, "pred_tracks"),
-    ("pred", np.full((2, 4, 2), np.nan), ValueError, "NaN"),
     ("pred_occ", np.zeros((2, 4), np.int64), TypeError, "bool"),
     ("gt_occ", np.zeros((2, 5), bool), ValueError, "gt_occluded"),
     ("gt", np.full((2, 4, 2), np.inf), ValueError, "NaN or inf"),
@@ -124,7 +123,31 @@ def test_temporal_coherence_bad_input():
     gt = np.full((1, 4, 2), 0.5)
     with pytest.raises(ValueError, match="three consecutive"):
         temporal_coherence(gt * 10, gt, np.array([[False, True, False, False]]), (10, 10))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="estimated"):
         temporal_coherence(np.full((1, 4, 2), np.nan), gt, np.zeros((1, 4), bool), (10, 10))
     with pytest.raises(ValueError, match="pred_tracks"):
         temporal_coherence(np.zeros((2, 4, 2)), gt, np.zeros((1, 4), bool), (10, 10))
+
+
+def test_no_estimate_counts_as_occluded():
+    pred, pred_occ, gt, gt_occ, query = hand_case()
+    diverged = pred.copy()
+    diverged[0, 3] = np.nan  # point A at frame 3: no estimate
+    diverged[1, 0, 0] = np.inf
+    missing = no_estimate(diverged)
+    assert missing.sum() == 2
+    occ = pred_occ.copy()
+    occ[0, 3] = occ[1, 0] = True
+    for mode in ("first", "strided"):
+        # a non-finite position is exactly a predicted occlusion (wherever it is drawn)
+        want = tapvid_metrics(np.where(missing[..., None], 0.0, pred), occ, gt, gt_occ, query, (H, W), mode)
+        assert tapvid_metrics(diverged, pred_occ, gt, gt_occ, query, (H, W), mode) == want
+    both = evaluate_tracks(diverged, pred_occ, gt, gt_occ, query, (H, W))
+    assert set(both) == {"first", "strided", "temporal_coherence"}
+    # temporal coherence leaves out the triplets holding a missing estimate
+    gt5 = np.linspace([0.1, 0.2], [0.5, 0.3], 5)[None] ** 2
+    pred5 = gt5 * [W, H] + [[[0, 0], [1, 0], [0, 0], [2, 0], [0, 0]]]
+    cut = pred5.copy()
+    cut[0, 4] = np.nan
+    assert temporal_coherence(cut, gt5, np.zeros((1, 5), bool), (H, W)) == temporal_coherence(
+        pred5[:, :4], gt5[:, :4], np.zeros((1, 4), bool), (H, W))

@@ -3,9 +3,13 @@ round-trip, bad input raises clear errors."""
 import numpy as np
 import pytest
 import torch
+from conftest import TOLERANCES
 
 from fastomni.nn import OmniMotion
 from fastomni.query import (
+    HALF_MAX_ERROR,
+    NoEstimateWarning,
+    PrecisionWarning,
     check_query_points,
     dense_tracks,
     export_dense,
@@ -64,7 +68,7 @@ def _original_pair(model, q, px, j, use_max_loc):
     px2, depth = model.project(x2p)
     xs, ds = model.sample_rays(px2)
     w2, _ = composite_alpha(model.color_density(model.map_to_canonical(xs, [j]))[1])
-    eps = 1.1 * (model.max_depth - model.min_depth) / model.num_samples_ray
+    eps = 1.1 * (model.max_depth - model.min_depth) / model.num_samples_ray  # the original's, written out
     w2 = torch.where(ds[..., 0] >= depth - eps, torch.zeros_like(w2), w2)
     return px2[0], w2.sum(-1)[0]
 
@@ -86,8 +90,8 @@ def test_dense_tracks_equal_the_per_pair_path(use_max_loc, use_affine):
                 assert not occluded[:, j].any() and (scores[:, j] == 0).all()
                 continue
             px2, score = _original_pair(m, qf, px, j, use_max_loc)
-            np.testing.assert_allclose(tracks[:, j], px2.numpy(), atol=1e-4)  # float32 output
-            np.testing.assert_allclose(scores[:, j], score.numpy(), atol=1e-6)
+            np.testing.assert_allclose(tracks[:, j], px2.numpy(), **TOLERANCES["float32_pixels"])
+            np.testing.assert_allclose(scores[:, j], score.numpy(), **TOLERANCES["float32_scores"])
             np.testing.assert_array_equal(occluded[:, j], score.numpy() > 0.5)
             spread.append(score.numpy())
     spread = np.concatenate(spread)
@@ -105,9 +109,9 @@ def test_sparse_tracks_mixed_query_frames_match_dense():
             continue
         dt, do, ds = dense_tracks(m, f)
         idx = q[rows, 1] * m.w + q[rows, 2]
-        np.testing.assert_allclose(tracks[rows], dt[idx], atol=1e-5)
+        np.testing.assert_allclose(tracks[rows], dt[idx], **TOLERANCES["float32_pixels_same_path"])
         np.testing.assert_array_equal(occluded[rows], do[idx])
-        np.testing.assert_allclose(scores[rows], ds[idx], atol=1e-6)
+        np.testing.assert_allclose(scores[rows], ds[idx], **TOLERANCES["float32_scores"])
         np.testing.assert_array_equal(tracks[rows, f], q[rows][:, [2, 1]])
 
 
@@ -119,7 +123,7 @@ def test_pair_flows_equal_tracks():
     grid = np.stack([xs, ys], -1).reshape(-1, 2)
     for n, (i, j) in enumerate([(0, 1), (3, 1)]):
         tracks, _, _ = dense_tracks(m, i)
-        np.testing.assert_allclose(flows[n].reshape(-1, 2), tracks[:, j] - grid, atol=1e-4)
+        np.testing.assert_allclose(flows[n].reshape(-1, 2), tracks[:, j] - grid, **TOLERANCES["float32_pixels"])
 
 
 def test_model_mode_restored_and_float32_runs():
@@ -136,10 +140,10 @@ def test_save_and_load_sparse(tmp_path, half):
     tracks, occluded, scores = track_points(m, q)
     path = save_tracks(str(tmp_path / "t.npz"), tracks, occluded, q, scores, (m.h, m.w), half=half)
     got = load_tracks(path)
-    atol = 1e-2 if half else 0
-    np.testing.assert_allclose(got["tracks"], tracks, atol=atol)
+    exact = dict(atol=0, rtol=0)
+    np.testing.assert_allclose(got["tracks"], tracks, **TOLERANCES["float16_pixels"] if half else exact)
     np.testing.assert_array_equal(got["occluded"], occluded)
-    np.testing.assert_allclose(got["scores"], scores, atol=1e-3 if half else 0)
+    np.testing.assert_allclose(got["scores"], scores, **TOLERANCES["float16_scores"] if half else exact)
     np.testing.assert_array_equal(got["query_points"], q.astype(np.float32))
     assert tuple(got["image_size"]) == (m.h, m.w) and got["tracks"].dtype == np.float32
     assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no temporary left behind
@@ -152,14 +156,14 @@ def test_export_dense_streams_frames_and_rescales(tmp_path, half):
     tracks, occluded, _ = dense_tracks(m, 1)
     got = load_tracks(path)
     want = rescale_points(tracks, (m.h, m.w), (2 * m.h, 2 * m.w))
-    np.testing.assert_allclose(got["tracks"], want, atol=2e-2 if half else 1e-4)
+    np.testing.assert_allclose(got["tracks"], want, **TOLERANCES["float16_pixels" if half else "float32_pixels"])
     np.testing.assert_array_equal(got["occluded"], occluded)
     assert tuple(got["image_size"]) == (2 * m.h, 2 * m.w)
     np.testing.assert_array_equal(got["query_points"][:, 0], 1)
     part = load_tracks(path, frames=[3, 0])
     np.testing.assert_array_equal(part["occluded"], occluded[:, [3, 0]])
     np.testing.assert_allclose(part["tracks"], got["tracks"][:, [3, 0]])
-    with pytest.raises(IndexError, match="outside"):
+    with pytest.raises(ValueError, match="outside"):
         load_tracks(path, frames=[4])
 
 
@@ -176,6 +180,7 @@ def test_rescale_points_pixel_centres():
     (np.array([[0, 1, 20]]), "outside"),
     (np.array([[0, np.nan, 1]]), "NaN"),
     (np.array([["a", "b", "c"]]), "numbers"),
+    (np.zeros((0, 3)), "no query points"),
 ])
 def test_bad_query_points(q, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
@@ -186,8 +191,12 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_tracks(str(tmp_path / "none.npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="not a NumPy file"):
         load_tracks(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "cut.npz", tracks=np.zeros((40, 3, 2)), occluded=np.zeros((40, 3), bool))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:300])
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_tracks(str(tmp_path / "cut.npz"))
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a fastomni track file"):
         load_tracks(str(tmp_path / "other.npz"))
@@ -197,4 +206,93 @@ def test_bad_files(tmp_path):
         save_tracks(str(tmp_path / "a.txt"), np.zeros((2, 3, 2)), np.zeros((2, 3), bool))
     with pytest.raises(ValueError, match="query_points"):
         save_tracks(str(tmp_path / "a.npz"), np.zeros((2, 3, 2)), np.zeros((2, 3), bool), half=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npz", "other.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.npz", "junk.npz", "other.npz"]
+
+
+def _far_tracks(motion: float, n: int = 3, t: int = 4):
+    """Tracks from query points at frame 0 moving by up to ``motion`` pixels, at offsets that
+    float16 cannot represent exactly."""
+    q = np.array([[0, 5.0, 7.0]] * n)
+    steps = np.linspace(0, motion, t) + 0.3137
+    tracks = np.stack([q[:, [2, 1]] + s for s in steps], 1)
+    tracks[:, 0] = q[:, [2, 1]]
+    return tracks, np.zeros((n, t), bool), q
+
+
+@pytest.mark.parametrize("motion, why", [(700.0, "round"), (1e5, "range")])
+def test_half_falls_back_to_float32_when_float16_would_lose_precision(tmp_path, motion, why):
+    tracks, occluded, q = _far_tracks(motion)
+    with pytest.warns(PrecisionWarning, match=why):
+        path = save_tracks(str(tmp_path / "t.npz"), tracks, occluded, q, half=True)
+    got = load_tracks(path)
+    assert np.isfinite(got["tracks"]).all()
+    np.testing.assert_allclose(got["tracks"], tracks, atol=HALF_MAX_ERROR * motion / 700)  # float32 of the sum
+    with np.load(path) as z:
+        assert z["tracks"].dtype == np.float32
+
+
+def test_half_stays_float16_when_precise_enough(tmp_path, recwarn):
+    tracks, occluded, q = _far_tracks(20.0)
+    path = save_tracks(str(tmp_path / "t.npz"), tracks, occluded, q, half=True)
+    assert not [w for w in recwarn if issubclass(w.category, PrecisionWarning)]
+    with np.load(path) as z:
+        assert z["tracks"].dtype == np.float16
+    assert np.abs(load_tracks(path)["tracks"] - tracks).max() <= HALF_MAX_ERROR
+
+
+def test_dense_half_export_rescaled_to_a_large_video_stores_float32(tmp_path):
+    m = _model()
+    with pytest.warns(PrecisionWarning, match="target frames stored float32"):
+        path = export_dense(m, 1, str(tmp_path / "d.npz"), half=True, scale_to=(400 * m.h, 400 * m.w),
+                            progress=False)
+    tracks, _, _ = dense_tracks(m, 1)
+    want = rescale_points(tracks, (m.h, m.w), (400 * m.h, 400 * m.w))
+    assert np.abs(load_tracks(path)["tracks"] - want).max() <= HALF_MAX_ERROR
+
+
+class DivergedModel(ParallaxModel):
+    """Maps the points right of about x = 0.7 px in frame 2 to NaN, as a diverged model does."""
+
+    def map_from_canonical(self, u, ids):
+        x = super().map_from_canonical(u, ids)
+        if list(ids) == [2]:
+            x = torch.where(x[..., :1] > -0.8, torch.full_like(x, float("nan")), x)
+        return x
+
+
+def test_diverged_points_have_no_estimate_and_are_occluded(tmp_path):
+    torch.manual_seed(0)
+    m = DivergedModel(num_imgs=4, h=5, w=7, num_samples_ray=6).double().eval()
+    q = np.array([[0, 2, 1], [0, 2, 6], [2, 2, 6]])
+    tracks, occluded, scores = track_points(m, q)
+    missing = ~np.isfinite(tracks).all(-1)
+    assert missing.any() and not missing[2, 2]  # the query frame is the query itself
+    assert occluded[missing].all() and np.isnan(scores[missing]).all()
+    for half in (False, True):
+        with pytest.warns(NoEstimateWarning, match=f"{missing.sum()} of 12 track positions have no estimate"):
+            path = save_tracks(str(tmp_path / f"t{half}.npz"), tracks, occluded, q, scores, half=half)
+        np.testing.assert_array_equal(~np.isfinite(load_tracks(path)["tracks"]).all(-1), missing)
+    with pytest.warns(NoEstimateWarning, match="have no estimate"):
+        export_dense(m, 0, str(tmp_path / "d.npz"), progress=False)
+
+
+class ShiftedModel(OmniMotion):
+    """Frame 3's local points are frame 0's shifted right by one image width: a track from frame 0
+    leaves the image there."""
+
+    def map_from_canonical(self, u, ids):
+        x = super().map_from_canonical(u, ids)
+        if list(ids) == [3]:
+            x = x + torch.tensor([2.0, 0.0, 0.0], dtype=x.dtype)
+        return x
+
+
+def test_tracks_outside_the_image_are_occluded():
+    torch.manual_seed(0)
+    m = ShiftedModel(num_imgs=4, h=5, w=7, num_samples_ray=6).double().eval()
+    q = np.array([[0, 2, 1], [0, 1, 3]])
+    tracks, occluded, scores = track_points(m, q)
+    assert (tracks[:, 3, 0] > m.w - 1).all()  # pushed out of the image
+    assert occluded[:, 3].all()
+    inside = (tracks[..., 0] >= 0) & (tracks[..., 0] <= m.w - 1) & (tracks[..., 1] >= 0) & (tracks[..., 1] <= m.h - 1)
+    np.testing.assert_array_equal(occluded[inside], scores[inside] > 0.99)

@@ -71,11 +71,26 @@ def test_jitter_stays_in_intervals(backend):
     with use_backend(backend):
         _, depths = stratified_sample(torch.zeros(2, 2, dtype=torch.float64, device=device), H, W, K, 0.5, 2.5,
                                       noise=noise)
-    grid = torch.linspace(0.5, 2.5, K, dtype=torch.float64, device=device)
+    grid = torch.linspace(0.5, 2.5, K, device=device).double()  # the original's float32 grid
     mids = 0.5 * (grid[1:] + grid[:-1])
-    torch.testing.assert_close(depths[0, :, 0], torch.cat([grid[:1], mids]))
-    torch.testing.assert_close(depths[1, :, 0], torch.cat([mids, grid[-1:]]), atol=1e-5, rtol=0)
-    assert bool((depths[1, 1:, 0] >= depths[0, 1:, 0]).all())
+    lower, upper = torch.cat([grid[:1], mids]), torch.cat([mids, grid[-1:]])
+    torch.testing.assert_close(depths[0, :, 0], lower, atol=0, rtol=0)
+    torch.testing.assert_close(depths[1, :, 0], lower + (upper - lower) * 0.999999, **TOLERANCES[torch.float64])
+    assert bool((depths[1, :, 0] <= upper).all() and (depths[1, 1:, 0] > depths[0, 1:, 0]).all())
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("span", [(0.0, 2.0, 32), (0.5, 2.5, 9), (-1.3, 0.77, 13), (0.1, 3.7, 64)], ids=str)
+def test_depths_are_the_original_float32_linspace(backend, dtype, span):
+    """The deterministic depths are ``torch.linspace`` in float32 cast to the pixels' dtype, bit for
+    bit, as the original's (float64 pixels included)."""
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    lo, hi, K = span
+    with use_backend(backend):
+        _, depths = stratified_sample(torch.zeros(3, 2, dtype=dtype, device=device), H, W, K, lo, hi)
+    want = torch.linspace(lo, hi, K, device=device).to(dtype).expand(3, K)
+    torch.testing.assert_close(depths[..., 0], want, atol=0, rtol=0)
 
 
 def test_reference_backward_is_autograd():

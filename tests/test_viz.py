@@ -74,7 +74,6 @@ def test_point_colors_follow_position():
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(tracks=np.zeros((1, 2, 2))), ValueError, "tracks"),
-    (dict(tracks=np.full((1, T, 2), np.nan)), ValueError, "NaN"),
     (dict(occluded=np.zeros((1, T), np.int64)), TypeError, "bool"),
     (dict(occluded=np.zeros((2, T), bool)), ValueError, "occluded"),
     (dict(frames=np.zeros((T, H, W, 3), np.float32)), TypeError, "uint8"),
@@ -100,3 +99,17 @@ def test_bad_outputs(tmp_path):
     with pytest.raises(ValueError, match="trail"):
         render_trails(frames, tracks, occluded, tmp_path / "t.mp4", trail=-1)
     assert os.listdir(tmp_path) == []
+
+
+def test_points_without_estimate_are_not_drawn(tmp_path):
+    frames, tracks, occluded = one_point()
+    occluded[:] = False
+    tracks[0, 1] = np.nan  # no estimate at frame 1
+    video = load_video(render_trails(frames, tracks, occluded, tmp_path / "t.mp4", trail=2)).astype(int)
+    bright = video.sum(axis=-1) > 150
+    assert bright[0][big(tracks[0, 0])] and bright[2][big(tracks[0, 2])]
+    assert not bright[1].any()  # neither the point nor a trail at frame 1
+    assert not bright[2][big((40.0, 16.0))]  # no trail through the missing frame
+    png = cv2.imread(plot_trajectories(frames, tracks, occluded, tmp_path / "t.png"))
+    colored = (png.max(-1).astype(int) - png.min(-1)) > 60
+    assert colored[big(tracks[0, 0])] and not colored[big((20.0, 16.0))] and not colored[big((40.0, 16.0))]

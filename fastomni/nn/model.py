@@ -18,7 +18,7 @@ from fastomni.ops.composite import composite
 from fastomni.ops.stratified_sample import stratified_sample
 from fastomni.reference.stratified_sample import denormalize_coords
 
-__all__ = ["OmniMotion", "Blend", "contract"]
+__all__ = ["OmniMotion", "RayModel", "Blend", "contract"]
 
 
 def contract(u: Tensor) -> Tensor:
@@ -63,22 +63,18 @@ def _check_points(x: Tensor, n: int, last: int, name: str) -> None:
         raise ValueError(f"{name} contains NaN")
 
 
-class OmniMotion(nn.Module):
-    """OmniMotion for a video of ``num_imgs`` frames of ``h x w`` pixels.
+class RayModel(nn.Module):
+    """What every model family shares: an ``h x w`` orthographic camera over ``num_imgs`` frames,
+    ``num_samples_ray`` samples per ray in ``[min_depth, max_depth]``, rendering and correspondences.
 
-    Frame ``i`` has time ``t_i = (i + 1) / num_imgs``; its latent code is ``feature_mlp(t_i)``.
-
-    Example::
-
-        >>> import torch
-        >>> m = OmniMotion(num_imgs=4, h=16, w=16, num_samples_ray=8)
-        >>> px2, depth = m.correspondences([0], torch.tensor([[[3.0, 5.0]]]), [2])
-        >>> px2.shape, depth.shape
-        (torch.Size([1, 1, 2]), torch.Size([1, 1, 1]))
+    A family supplies the representation: :meth:`map_to_canonical`, :meth:`map_from_canonical`
+    and :meth:`color_density`.
     """
 
+    family = ""
+
     def __init__(self, num_imgs: int, h: int, w: int, num_samples_ray: int = 32, min_depth: float = 0.0,
-                 max_depth: float = 2.0, pe_freq: int = 4, use_affine: bool = False):
+                 max_depth: float = 2.0):
         super().__init__()
         if num_imgs < 2:
             raise ValueError(f"OmniMotion needs at least 2 frames, got num_imgs={num_imgs}")
@@ -90,32 +86,18 @@ class OmniMotion(nn.Module):
             raise ValueError(f"max_depth ({max_depth}) must exceed min_depth ({min_depth})")
         self.num_imgs, self.h, self.w = num_imgs, h, w
         self.num_samples_ray, self.min_depth, self.max_depth = num_samples_ray, float(min_depth), float(max_depth)
-        self.feature_mlp = GaborNet(in_size=1, hidden_size=256, n_layers=2, alpha=4.5, out_size=128)
-        self.deform_mlp = NVPSimplified(n_layers=6, feature_dims=128, hidden_size=[256, 256, 256], proj_dims=256,
-                                        code_proj_hidden_size=[], proj_type="fixed_positional_encoding",
-                                        pe_freq=pe_freq, normalization=False, affine=use_affine)
-        self.color_mlp = GaborNet(in_size=3, hidden_size=512, n_layers=3, alpha=3, out_size=4)
-        times = torch.linspace(1, num_imgs, num_imgs)[:, None] / num_imgs
-        self.register_buffer("time_steps", times, persistent=False)
-
-    # -- mapping --------------------------------------------------------------------------------
-    def frame_codes(self, ids) -> tuple[Tensor, Tensor]:
-        """Times ``[n, 1]`` and latent codes ``[n, 128]`` of frames ``ids [n]``."""
-        ids = _check_ids(ids, self.num_imgs, "ids").to(self.time_steps.device)
-        t = self.time_steps[ids]
-        return t, self.feature_mlp(t)
 
     def map_to_canonical(self, x: Tensor, ids) -> Tensor:
         """Local points ``x [n, ..., 3]`` of frames ``ids [n]`` -> canonical ``[n, ..., 3]``."""
-        t, feat = self.frame_codes(ids)
-        _check_points(x, t.shape[0], 3, "x")
-        return self.deform_mlp.forward(t, feat, x)
+        raise NotImplementedError
 
     def map_from_canonical(self, u: Tensor, ids) -> Tensor:
         """Canonical points ``u [n, ..., 3]`` -> local points of frames ``ids [n]``."""
-        t, feat = self.frame_codes(ids)
-        _check_points(u, t.shape[0], 3, "u")
-        return self.deform_mlp.inverse(t, feat, u)
+        raise NotImplementedError
+
+    def color_density(self, u: Tensor, apply_contraction: bool = True) -> tuple[Tensor, Tensor]:
+        """Canonical points ``[..., 3]`` -> ``(rgb [..., 3] in (0, 1), density [...] >= 0)``."""
+        raise NotImplementedError
 
     def map_between(self, x1: Tensor, ids1, ids2) -> tuple[Tensor, Tensor]:
         """Points of frames ``ids1`` mapped to frames ``ids2``: ``(x2 [n, ..., 3], canonical)``."""
@@ -135,11 +117,6 @@ class OmniMotion(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Orthographic projection ``[..., 3]`` -> ``(pixels [..., 2], depth [..., 1])``."""
         return denormalize_coords(x[..., :2], self.h, self.w), x[..., 2:]
-
-    def color_density(self, u: Tensor, apply_contraction: bool = True) -> tuple[Tensor, Tensor]:
-        """Canonical points ``[..., 3]`` -> ``(rgb [..., 3] in (0, 1), density [...] >= 0)``."""
-        out = self.color_mlp(contract(u) if apply_contraction else u)
-        return torch.sigmoid(out[..., :3]), F.softplus(out[..., -1] - 1.0)
 
     def blend(self, u: Tensor, mask_near: bool = False, points: Tensor | None = None,
               points_mask: Tensor | None = None) -> Blend:
@@ -170,13 +147,70 @@ class OmniMotion(nn.Module):
         _, density = self.color_density(u)
         return self.project(composite(density, points=x2, select_max=use_max_loc).point)
 
+    @property
+    def occlusion_eps(self) -> float:
+        """The margin in front of the predicted depth that the occlusion score ignores: ``1.1 (max -
+        min) / K``, a little over one sample spacing (the original's)."""
+        return 1.1 * (self.max_depth - self.min_depth) / self.num_samples_ray
+
     def correspondences_and_occlusion(self, ids1, px1: Tensor, ids2, use_max_loc: bool = True
                                       ) -> tuple[Tensor, Tensor, Tensor]:
         """As :meth:`correspondences`, plus the occlusion score ``[n, P, 1]``: the weight that the
         target frame's own ray at the predicted pixel puts in front of the predicted depth
-        (minus ``1.1 (max - min) / K``). Returns ``(px2, score, depth)``."""
+        (minus :attr:`occlusion_eps`). Returns ``(px2, score, depth)``."""
         px2, depth = self.correspondences(ids1, px1, ids2, use_max_loc)
         x2, depths2 = self.sample_rays(px2)
         _, density = self.color_density(self.map_to_canonical(x2, ids2))
-        eps = 1.1 * (self.max_depth - self.min_depth) / self.num_samples_ray
-        return px2, composite(density, mask=depths2[..., 0] < depth - eps).opacity, depth
+        return px2, composite(density, mask=depths2[..., 0] < depth - self.occlusion_eps).opacity, depth
+
+
+class OmniMotion(RayModel):
+    """OmniMotion (the original's networks) for a video of ``num_imgs`` frames of ``h x w`` pixels.
+
+    Frame ``i`` has time ``t_i = (i + 1) / num_imgs``; its latent code is ``feature_mlp(t_i)``.
+
+    Example::
+
+        >>> import torch
+        >>> m = OmniMotion(num_imgs=4, h=16, w=16, num_samples_ray=8)
+        >>> px2, depth = m.correspondences([0], torch.tensor([[[3.0, 5.0]]]), [2])
+        >>> px2.shape, depth.shape
+        (torch.Size([1, 1, 2]), torch.Size([1, 1, 1]))
+    """
+
+    family = "original"
+
+    def __init__(self, num_imgs: int, h: int, w: int, num_samples_ray: int = 32, min_depth: float = 0.0,
+                 max_depth: float = 2.0, pe_freq: int = 4, use_affine: bool = False):
+        super().__init__(num_imgs, h, w, num_samples_ray, min_depth, max_depth)
+        self.feature_mlp = GaborNet(in_size=1, hidden_size=256, n_layers=2, alpha=4.5, out_size=128)
+        self.deform_mlp = NVPSimplified(n_layers=6, feature_dims=128, hidden_size=[256, 256, 256], proj_dims=256,
+                                        code_proj_hidden_size=[], proj_type="fixed_positional_encoding",
+                                        pe_freq=pe_freq, normalization=False, affine=use_affine)
+        self.color_mlp = GaborNet(in_size=3, hidden_size=512, n_layers=3, alpha=3, out_size=4)
+        times = torch.linspace(1, num_imgs, num_imgs)[:, None] / num_imgs
+        self.register_buffer("time_steps", times, persistent=False)
+
+    # -- mapping --------------------------------------------------------------------------------
+    def frame_codes(self, ids) -> tuple[Tensor, Tensor]:
+        """Times ``[n, 1]`` and latent codes ``[n, 128]`` of frames ``ids [n]``."""
+        ids = _check_ids(ids, self.num_imgs, "ids").to(self.time_steps.device)
+        t = self.time_steps[ids]
+        return t, self.feature_mlp(t)
+
+    def map_to_canonical(self, x: Tensor, ids) -> Tensor:
+        """Local points ``x [n, ..., 3]`` of frames ``ids [n]`` -> canonical ``[n, ..., 3]``."""
+        t, feat = self.frame_codes(ids)
+        _check_points(x, t.shape[0], 3, "x")
+        return self.deform_mlp.forward(t, feat, x)
+
+    def map_from_canonical(self, u: Tensor, ids) -> Tensor:
+        """Canonical points ``u [n, ..., 3]`` -> local points of frames ``ids [n]``."""
+        t, feat = self.frame_codes(ids)
+        _check_points(u, t.shape[0], 3, "u")
+        return self.deform_mlp.inverse(t, feat, u)
+
+    def color_density(self, u: Tensor, apply_contraction: bool = True) -> tuple[Tensor, Tensor]:
+        """Canonical points ``[..., 3]`` -> ``(rgb [..., 3] in (0, 1), density [...] >= 0)``."""
+        out = self.color_mlp(contract(u) if apply_contraction else u)
+        return torch.sigmoid(out[..., :3]), F.softplus(out[..., -1] - 1.0)

@@ -1,8 +1,10 @@
 """Reference (pure PyTorch) ray sampling of OmniMotion's orthographic camera: the spec.
 
 A pixel ``(x, y)`` of an ``h x w`` frame is normalized to ``x_n = x / (w-1) * 2 - 1`` (same for
-y with ``h``) and lifted to the ray ``(x_n, y_n, z)``. ``K`` depths are ``linspace(min, max, K)``;
-stratified sampling replaces depth ``k`` by ``lower_k + (upper_k - lower_k) * u_k``, with the
+y with ``h``) and lifted to the ray ``(x_n, y_n, z)``. ``K`` depths are ``linspace(min, max, K)``
+computed in float32 and then cast to the pixels' dtype, as the original computes them (its float32
+``torch.linspace`` is promoted when concatenated with float64 pixels): :func:`depth_grid` is the one
+place that builds them, for every backend and every caller. Stratified sampling replaces depth ``k`` by ``lower_k + (upper_k - lower_k) * u_k``, with the
 interval bounded by the midpoints to its neighbours (the first and last intervals are half-open
 at the ends) and ``u ~ U[0, 1)``.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["denormalize_coords", "depth_bounds", "normalize_coords", "sample_depths", "stratified_sample", "stratified_sample_bwd_ref"]
+__all__ = ["denormalize_coords", "depth_bounds", "depth_grid", "normalize_coords", "sample_depths", "stratified_sample", "stratified_sample_bwd_ref"]
 
 
 def normalize_coords(px: Tensor, h: int, w: int) -> Tensor:
@@ -37,11 +39,17 @@ def denormalize_coords(xy: Tensor, h: int, w: int) -> Tensor:
     return (xy + 1.0) * scale / 2.0
 
 
+def depth_grid(num_samples: int, min_depth: float, max_depth: float, dtype=torch.float32, device=None) -> Tensor:
+    """The evenly spaced depths ``[K]``: ``torch.linspace(min_depth, max_depth, K)`` in float32 (the
+    original's), then cast to ``dtype``; so float64 samples carry the float32 grid's values exactly."""
+    return torch.linspace(min_depth, max_depth, num_samples, dtype=torch.float32, device=device).to(dtype)
+
+
 def depth_bounds(num_samples: int, min_depth: float, max_depth: float, dtype=torch.float32, device=None
                  ) -> tuple[Tensor, Tensor]:
-    """Stratification intervals ``(lower [K], upper [K])``: the midpoints between neighbouring
-    depths of ``linspace(min_depth, max_depth, K)``, the grid's own ends at both ends."""
-    depths = torch.linspace(min_depth, max_depth, num_samples, dtype=dtype, device=device)
+    """Stratification intervals ``(lower [K], upper [K])`` in ``dtype``: the midpoints between
+    neighbouring depths of :func:`depth_grid`, the grid's own ends at both ends."""
+    depths = depth_grid(num_samples, min_depth, max_depth, dtype, device)
     mids = 0.5 * (depths[1:] + depths[:-1])
     return torch.cat([depths[:1], mids]), torch.cat([mids, depths[-1:]])
 
@@ -50,8 +58,7 @@ def sample_depths(shape: tuple[int, ...], num_samples: int, min_depth: float, ma
                   noise: Tensor | None = None, dtype=torch.float32, device=None) -> Tensor:
     """Depths ``[*shape, K]``: evenly spaced, or stratified by ``noise [*shape, K]`` in [0, 1)."""
     if noise is None:
-        base = torch.linspace(min_depth, max_depth, num_samples, dtype=dtype, device=device)
-        return base.expand(*shape, num_samples)
+        return depth_grid(num_samples, min_depth, max_depth, dtype, device).expand(*shape, num_samples)
     lower, upper = depth_bounds(num_samples, min_depth, max_depth, dtype, device)
     return lower + (upper - lower) * noise
 
