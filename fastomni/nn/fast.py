@@ -29,10 +29,9 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastomni.nn.model import RayModel, _check_ids, _check_points, contract
+from fastomni.nn.model import RayModel, _check_ids, _check_points
 from fastomni.ops.grid_encode import grid_encode
 from fastomni.reference.affine_coupling import S_CLAMP
 from fastomni.reference.grid_encode import grid_levels
@@ -168,7 +167,3 @@ class FastOmniMotion(RayModel):
         t = self._times(ids)
         _check_points(u, t.shape[0], 3, "u")
         return self.deform_mlp.inverse(t, u)
-
-    def color_density(self, u: Tensor, apply_contraction: bool = True) -> tuple[Tensor, Tensor]:
-        out = self.color_mlp(contract(u) if apply_contraction else u)
-        return torch.sigmoid(out[..., :3]), F.softplus(out[..., -1] - 1.0)

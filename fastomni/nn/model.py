@@ -68,7 +68,7 @@ class RayModel(nn.Module):
     ``num_samples_ray`` samples per ray in ``[min_depth, max_depth]``, rendering and correspondences.
 
     A family supplies the representation: :meth:`map_to_canonical`, :meth:`map_from_canonical`
-    and :meth:`color_density`.
+    and a ``color_mlp`` (canonical point -> 3 colour logits and a density logit).
     """
 
     family = ""
@@ -96,8 +96,11 @@ class RayModel(nn.Module):
         raise NotImplementedError
 
     def color_density(self, u: Tensor, apply_contraction: bool = True) -> tuple[Tensor, Tensor]:
-        """Canonical points ``[..., 3]`` -> ``(rgb [..., 3] in (0, 1), density [...] >= 0)``."""
-        raise NotImplementedError
+        """Canonical points ``[..., 3]`` -> ``(rgb [..., 3] in (0, 1), density [...] >= 0)``: the
+        family's ``color_mlp`` on the contracted points, rgb ``sigmoid(out[:3])``, density
+        ``softplus(out[3] - 1)``."""
+        out = self.color_mlp(contract(u) if apply_contraction else u)
+        return torch.sigmoid(out[..., :3]), F.softplus(out[..., -1] - 1.0)
 
     def map_between(self, x1: Tensor, ids1, ids2) -> tuple[Tensor, Tensor]:
         """Points of frames ``ids1`` mapped to frames ``ids2``: ``(x2 [n, ..., 3], canonical)``."""
@@ -209,8 +212,3 @@ class OmniMotion(RayModel):
         t, feat = self.frame_codes(ids)
         _check_points(u, t.shape[0], 3, "u")
         return self.deform_mlp.inverse(t, feat, u)
-
-    def color_density(self, u: Tensor, apply_contraction: bool = True) -> tuple[Tensor, Tensor]:
-        """Canonical points ``[..., 3]`` -> ``(rgb [..., 3] in (0, 1), density [...] >= 0)``."""
-        out = self.color_mlp(contract(u) if apply_contraction else u)
-        return torch.sigmoid(out[..., :3]), F.softplus(out[..., -1] - 1.0)
