@@ -48,7 +48,9 @@ def _extensions():
                 f"fastomni._cuda_{op}", sources, include_dirs=[os.path.join(HERE, "csrc")],
                 extra_compile_args={"cxx": CXX_FLAGS,
                                     "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
-                                             "-gencode=arch=compute_90,code=sm_90"]}))
+                                             "-gencode=arch=compute_90,code=sm_90",
+                                             # +PTX: newer GPUs JIT-compile the compute_90 PTX
+                                             "-gencode=arch=compute_90,code=compute_90"]}))
     return exts, {"build_ext": _tolerant_build_ext()}
 
 
@@ -81,6 +83,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastomni", "fastomni.*"]) + ["fastomni.kernels"],
     package_dir={"fastomni.kernels": "kernels"},
+    package_data={"fastomni": ["viewer_assets/*"]},  # the static viewer's page, script and style
     install_requires=[
         "torch>=2.4,<2.15",
         "numpy",

@@ -1,5 +1,8 @@
 // Launchers of the affine_coupling CUDA kernels (affine_coupling_cuda.cuh). Torch-free; the binding
 // (affine_coupling_cuda_bind.cpp) checks the tensors, zeroes the gradient outputs and checks the status.
+#include <atomic>
+#include <mutex>
+
 #include "affine_coupling_cuda.cuh"
 
 namespace fastomni::affine_coupling_cuda {
@@ -15,22 +18,30 @@ bool sizes_ok(const Sizes& s) {
   return s.F >= 0 && s.transformed >= 0 && s.transformed < 3 && s.n <= 65535 && (s.P + bm - 1) / bm <= INT32_MAX;
 }
 
-// Dynamic shared memory above 48 KB must be allowed per kernel before the launch.
-template <typename Kernel>
-cudaError_t launch_config(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+// Dynamic shared memory above 48 KB must be allowed per kernel and device before the launch. The
+// attribute is a driver call: made once per (kernel, device), again only when a launch needs more
+// than was allowed so far (the allowance only grows, under a lock, so no thread lowers it).
+constexpr int kMaxDevices = 64;
+
+template <auto kernel>
+cudaError_t allow_shared(size_t bytes) {
+  static std::atomic<size_t> allowed[kMaxDevices] = {};
+  static std::mutex raising;
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  }
+  if (bytes <= 48 * 1024 || bytes <= allowed[device].load(std::memory_order_acquire)) return cudaSuccess;
+  const std::lock_guard<std::mutex> lock(raising);
+  if (bytes <= allowed[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) allowed[device].store(bytes, std::memory_order_release);
+  return err;
 }
 
 }  // namespace
-
-template <typename T>
-size_t shared_bytes(const Sizes& s, bool backward) {
-  const Layout L(s);
-  const size_t bm = kPointsPerBlock<T>;
-  // forward: e, two activation buffers, st; backward: e, p, h0, h1, h2, two gradients, st, gyc
-  const size_t elems = backward ? bm * L.enc + 6 * bm * L.ld + 3 * bm : bm * L.enc + 2 * bm * L.ld + 2 * bm;
-  return elems * sizeof(T);
-}
 
 template <typename T>
 cudaError_t affine_coupling_fwd(const T* y, const T* code_bias, const Weights<T>& w, const Sizes& s, T* out,
@@ -38,7 +49,7 @@ cudaError_t affine_coupling_fwd(const T* y, const T* code_bias, const Weights<T>
   if (!sizes_ok(s)) return cudaErrorInvalidValue;
   if (s.n * s.P == 0) return cudaSuccess;
   const size_t bytes = shared_bytes<T>(s, false);
-  if (cudaError_t err = launch_config(coupling_fwd_kernel<T>, bytes); err != cudaSuccess) return err;
+  if (cudaError_t err = allow_shared<coupling_fwd_kernel<T>>(bytes); err != cudaSuccess) return err;
   constexpr int bm = kPointsPerBlock<T>;
   const dim3 grid(static_cast<unsigned>((s.P + bm - 1) / bm), static_cast<unsigned>(s.n));
   coupling_fwd_kernel<T><<<grid, kThreads, bytes, stream>>>(y, code_bias, w, s, out);
@@ -51,7 +62,7 @@ cudaError_t affine_coupling_bwd(const T* grad_out, const T* y, const T* code_bia
   if (!sizes_ok(s)) return cudaErrorInvalidValue;
   if (s.n * s.P == 0) return cudaSuccess;
   const size_t bytes = shared_bytes<T>(s, true);
-  if (cudaError_t err = launch_config(coupling_bwd_kernel<T>, bytes); err != cudaSuccess) return err;
+  if (cudaError_t err = allow_shared<coupling_bwd_kernel<T>>(bytes); err != cudaSuccess) return err;
   constexpr int bm = kPointsPerBlock<T>;
   const dim3 grid(static_cast<unsigned>((s.P + bm - 1) / bm), static_cast<unsigned>(s.n));
   coupling_bwd_kernel<T><<<grid, kThreads, bytes, stream>>>(grad_out, y, code_bias, w, s, g);
@@ -59,7 +70,6 @@ cudaError_t affine_coupling_bwd(const T* grad_out, const T* y, const T* code_bia
 }
 
 #define FASTOMNI_INSTANTIATE(T)                                                                                  \
-  template size_t shared_bytes<T>(const Sizes&, bool);                                                          \
   template cudaError_t affine_coupling_fwd<T>(const T*, const T*, const Weights<T>&, const Sizes&, T*, cudaStream_t); \
   template cudaError_t affine_coupling_bwd<T>(const T*, const T*, const T*, const Weights<T>&, const Sizes&,      \
                                               const Grads<T>&, cudaStream_t);

@@ -18,7 +18,8 @@ namespace {
 
 namespace k = fastomni::affine_coupling_cuda;
 
-// The layer's tensors, contiguous: y, code_bias, proj_w, proj_b, in_w, w1, b1, w2, b2, out_w, out_b, sigma.
+// The layer's tensors, contiguous: y, code_bias, proj_w, proj_b, in_w, w1, b1, w2, b2, out_w, out_b, sigma,
+// then the transposes proj_w^T, in_w^T, w1^T, w2^T (the forward products' coalesced reads).
 struct Layer {
   std::vector<at::Tensor> t;
   k::Sizes sizes;
@@ -44,6 +45,7 @@ Layer check(const at::Tensor& y, const at::Tensor& code_bias, const at::Tensor& 
                               out_b, sigma}) {
     layer.t.push_back(t.contiguous());
   }
+  for (const at::Tensor& t : {proj_w, in_w, hid_w[0], hid_w[1]}) layer.t.push_back(t.t().contiguous());
   layer.sizes = {s.n,
                  s.P,
                  static_cast<int>(s.n_freq),
@@ -60,7 +62,7 @@ Layer check(const at::Tensor& y, const at::Tensor& code_bias, const at::Tensor& 
 template <typename T>
 k::Weights<T> weights(const Layer& layer) {
   const auto p = [&](size_t i) { return layer.t[i].data_ptr<T>(); };
-  return {p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11)};
+  return {p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11), p(12), p(13), p(14), p(15)};
 }
 
 void check_launch(cudaError_t status, const char* what) {

@@ -24,8 +24,8 @@ template <typename T>
 cudaError_t stratified_sample_bwd(const T* grad_points, T* grad_px, int64_t R, int64_t K, int64_t h, int64_t w,
                                   cudaStream_t stream) {
   if (R == 0) return cudaSuccess;
-  stratified_bwd_kernel<T><<<blocks_for(R), kThreads, 0, stream>>>(grad_points, grad_px, R, K,
-                                                                     static_cast<T>(w - 1), static_cast<T>(h - 1));
+  stratified_bwd_kernel<T><<<blocks_for(R * kWarp), kThreads, 0, stream>>>(
+      grad_points, grad_px, R, K, static_cast<T>(w - 1), static_cast<T>(h - 1));
   return cudaGetLastError();
 }
 

@@ -6,7 +6,7 @@
 // points [R, K, 3] and depths [R, K, 1] stores are coalesced; the depth of sample k is recomputed per
 // thread (linspace in float32 as torch computes it on the GPU, cast to T, then the interval bounds: the
 // reference's depth_grid), cheaper than reading a table.
-// Backward: one thread per ray sums its K gradients (x and y): grad_px = sum_k grad_points[k, :2] * 2 /
+// Backward: one warp per ray sums its K gradients (x and y): grad_px = sum_k grad_points[k, :2] * 2 /
 // (w-1, h-1). Bytes per ray (s = element size): forward reads 2 s (+ K s of noise), writes 4 K s;
 // backward reads 3 K s, writes 2 s.
 #pragma once
@@ -49,18 +49,30 @@ __global__ void stratified_fwd_kernel(const T* __restrict__ px, const T* __restr
   depths[idx] = d;
 }
 
+constexpr int kWarp = 32;
+
+// One warp per ray: lane l sums samples l, l + 32, ..., so a warp's loads cover consecutive samples
+// (coalesced; one thread per ray would read 3K elements apart), then a fixed shuffle tree adds the
+// lanes (the same order every run: deterministic).
 template <typename T>
 __global__ void stratified_bwd_kernel(const T* __restrict__ grad_points, T* __restrict__ grad_px, int64_t R,
                                       int64_t K, T sx, T sy) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= R) return;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  if (r >= R) return;  // r is the same for a whole warp: whole warps leave
   T gx = 0, gy = 0;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = lane; k < K; k += kWarp) {
     gx += grad_points[(r * K + k) * 3];
     gy += grad_points[(r * K + k) * 3 + 1];
   }
-  grad_px[2 * r] = gx * T(2) / sx;
-  grad_px[2 * r + 1] = gy * T(2) / sy;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    gx += __shfl_down_sync(0xffffffffu, gx, offset);
+    gy += __shfl_down_sync(0xffffffffu, gy, offset);
+  }
+  if (lane == 0) {
+    grad_px[2 * r] = gx * T(2) / sx;
+    grad_px[2 * r + 1] = gy * T(2) / sy;
+  }
 }
 
 #endif  // __CUDACC__

@@ -6,11 +6,14 @@ Subcommands::
     fastomni train [SEQ] --out RUN [options]       optimize (resumes from RUN's last checkpoint)
     fastomni track VIDEO --queries Q.npy --out DIR preprocess + optimize + track -> DIR/tracks.npz
     fastomni export RUN [--query_frame N]          every pixel of a frame to every frame -> .npz
+    fastomni export RUN --all                      every frame's pixels to every frame -> RUN/field/
+    fastomni view RUN_or_EXPORT --video V --out S  a static browser viewer of the field -> S/index.html
     fastomni viz TRACKS.npz --video VIDEO --out X  trails (.mp4) or trajectories (.png)
     fastomni eval TRACKS.npz --gt GT.npz           TAP-Vid metrics, query-first and strided
     fastomni synth --out DIR                       a synthetic clip with ground truth
     fastomni tapvid PKL --video NAME --out DIR     a TAP-Vid video: frames, queries.npy, gt.npz
     fastomni demo --out DIR                        synth -> track -> eval against chained flow
+    fastomni batch MANIFEST --out DIR              track/export every video of a manifest -> DIR/summary.json
 
 Options of the optimization (``train``, ``track``, ``demo``) are the original's config keys
 (``--num_iters 2000``, ``--use_affine false``), a ``--config`` file (the original's .txt, YAML
@@ -82,7 +85,8 @@ def _cmd_preprocess(args) -> int:
     from fastomni.preprocess import preprocess
 
     frames = load_video(args.video, max_frames=args.max_frames, resize=args.max_side or None)
-    preprocess(frames, args.out, max_interval=args.max_interval, progress=not args.quiet, flow_preset=args.flow_preset)
+    preprocess(frames, args.out, max_interval=args.max_interval, progress=not args.quiet, flow_preset=args.flow_preset,
+               pair_near=args.pair_near)
     print(args.out)
     return 0
 
@@ -95,8 +99,12 @@ def _cmd_train(args) -> int:
     if not seq:
         raise InputError("no sequence folder: give SEQ or data_dir in the config")
     out = args.out or os.path.join(cfg.save_dir, f"{cfg.expname}_{os.path.basename(os.path.normpath(seq))}")
-    result = optimize(seq, out, cfg, progress=not args.quiet)
-    print(result.checkpoint)
+    from fastomni.distributed import init_from_env
+
+    comm = init_from_env()  # under torchrun: data-parallel over its ranks (None for one process)
+    result = optimize(seq, out, cfg, progress=not args.quiet, comm=comm, allow_resize=args.allow_resize)
+    if comm is None or comm.is_main:
+        print(result.checkpoint)
     return 0
 
 
@@ -116,15 +124,55 @@ def _cmd_export(args) -> int:
     from fastomni.pipeline import read_video_info
     from fastomni.query import export_dense
 
+    from fastomni.field import OcclusionTables, export_field
+
+    from fastomni.distributed import export_dense_sharded, init_from_env
+
+    comm = init_from_env()  # under torchrun: the query frame's pixels split over ranks, rank 0 writes
+    if comm is not None and args.all:
+        raise InputError("export --all is not split over ranks: run it as one process (without torchrun)")
     info = read_video_info(args.run) if os.path.isfile(os.path.join(args.run, "video.json")) else None
-    model, cfg, _ = load_run(args.run, device=args.device)
+    model, cfg, step = load_run(args.run, device=args.device)
     qf = cfg.query_frame_id if args.query_frame is None else args.query_frame
+    if not args.all and not 0 <= qf < model.num_imgs:
+        raise InputError(f"query frame {qf} outside 0..{model.num_imgs - 1}")
     size = info["video_size"] if info else None
     scale_to = None if size is None or size == (model.h, model.w) else size
-    out = args.out or os.path.join(args.run, f"dense_{qf:05d}.npz")
-    export_dense(model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
-                 chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet)
-    print(out)
+    tables = None
+    if (args.all or not args.exact_occlusion) and comm is None:  # --all always needs the tables' depth and colour maps
+        tables = OcclusionTables(model, os.path.join(args.run, f"tables_{step:06d}"), cfg.chunk_size,
+                                 progress=not args.quiet)
+    if args.all:
+        out = args.out or os.path.join(args.run, "field")
+        export_field(model, out, tables, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
+                     chunk_size=cfg.chunk_size, scale_to=scale_to, exact_occlusion=args.exact_occlusion,
+                     progress=not args.quiet)
+    else:
+        out = args.out or os.path.join(args.run, f"dense_{qf:05d}.npz")
+        if comm is not None:  # ranks share the exact per-point occlusion ray (no tables)
+            export_dense_sharded(comm, model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th,
+                                 half=args.half, chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet)
+        else:
+            export_dense(model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
+                         chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet,
+                         tables=None if args.exact_occlusion else tables)
+    if comm is None or comm.is_main:
+        print(out)
+    return 0
+
+
+def _cmd_view(args) -> int:
+    from fastomni.viewer import write_viewer
+
+    export = args.source
+    if not os.path.isfile(os.path.join(export, "field.json")):
+        if not os.path.isfile(os.path.join(export, "config.txt")):
+            raise InputError(f"{export} is neither a field export (field.json) nor a run folder (config.txt)")
+        export = os.path.join(args.source, "field")  # a run: export (or finish exporting) its field first
+        _cmd_export(build_parser().parse_args(["export", args.source, "--all", "--out", export, "--device", args.device]
+                                              + ["--quiet"] * args.quiet))
+    print(write_viewer(export, args.video, args.out, max_points=args.max_points, fps=args.fps,
+                       progress=not args.quiet))
     return 0
 
 
@@ -220,6 +268,21 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_batch(args) -> int:
+    from datetime import timedelta
+
+    from fastomni.batch import run_batch
+    from fastomni.distributed import init_from_env
+
+    cfg = _config(args)
+    comm = init_from_env(timeout=timedelta(days=7))  # ranks wait for each other's videos at the end
+    summary = run_batch(args.manifest, args.out, cfg, comm, progress=not args.quiet)
+    if comm is not None and not comm.is_main:
+        return 0
+    print(json.dumps(summary["counts"]))
+    return 1 if summary["counts"]["failed"] else 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from fastomni.config import add_config_arguments
@@ -245,11 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_frames", type=int, default=None, help="keep the first N frames")
     p.add_argument("--max_side", type=int, default=0, help="downscale so the longer side is at most this")
     p.add_argument("--max_interval", type=int, default=None, help="only pairs at most this many frames apart")
+    p.add_argument("--pair_near", type=int, default=0,
+                   help="0: every pair (the original); k: pairs within k frames, then 2k, 4k, ... apart")
     p.add_argument("--flow_preset", choices=flow_presets, default="full")
 
     p = command("train", _cmd_train, "optimize OmniMotion on a preprocessed sequence (resumes when stopped)")
     p.add_argument("seq", nargs="?", default=None, help="sequence folder (default: data_dir of the config)")
     p.add_argument("--out", default=None, help="run folder (default: save_dir/{expname}_{sequence name})")
+    p.add_argument("--allow-resize", action="store_true",
+                   help="resume a run saved with another number of torchrun ranks (new ranks get new sampler streams)")
     add_config_arguments(p)
 
     p = command("track", _cmd_track, "track query points through a video: preprocess, optimize, query")
@@ -266,11 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", _cmd_export, "track every pixel of one frame to every frame (dense .npz)")
     p.add_argument("run", help="run folder (from train or track)")
     p.add_argument("--query_frame", type=int, default=None, help="default: query_frame_id of the run's config")
-    p.add_argument("--out", default=None, help="output .npz (default: RUN/dense_{frame}.npz)")
+    p.add_argument("--out", default=None, help="output .npz (default: RUN/dense_{frame}.npz); with --all a folder")
     p.add_argument("--half", action="store_true",
                    help="float16 displacements, smaller files (float32, with a warning, for frames where float16 "
                         "would round by more than 0.05 px)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--all", action="store_true",
+                   help="the complete field: every frame as query frame, one .npz each in --out (default RUN/field/); "
+                        "resumes, skipping frames already written")
+    p.add_argument("--exact_occlusion", action="store_true",
+                   help="score occlusion with the per-point ray in the target frame (slow) instead of the per-frame "
+                        "occlusion tables (cached in RUN/tables_STEP/)")
+
+    p = command("view", _cmd_view, "write a static browser viewer of the complete field (open OUT/index.html)")
+    p.add_argument("source", metavar="RUN_or_EXPORT",
+                   help="a field export folder (export --all), or a run folder (its field is exported first)")
+    p.add_argument("--video", required=True, help="the tracked video (file or frame folder)")
+    p.add_argument("--out", required=True, help="folder to write the site into")
+    p.add_argument("--max_points", type=int, default=16384, help="tracks per query frame (a pixel grid)")
+    p.add_argument("--fps", type=float, default=10.0, help="playback frames per second")
+    p.add_argument("--device", default="auto", help="for exporting a run's field")
 
     p = command("viz", _cmd_viz, "draw tracks over the video: trails (.mp4) or trajectories (.png)")
     p.add_argument("tracks", help="tracks .npz (track or export output)")
@@ -305,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_frames", type=int, default=24)
     p.add_argument("--num_points", type=int, default=256)
     p.add_argument("--clip_seed", type=int, default=0, help="seed of the synthetic clip")
+    add_config_arguments(p)
+
+    p = command("batch", _cmd_batch, "track or export every video of a manifest (sharded over torchrun ranks); "
+                "resumes, skipping finished videos")
+    p.add_argument("manifest", help="text file, one video a line: VIDEO [queries=Q.npy] [gt=GT.npz] [name=N] "
+                                    "[preset=P] [option=value ...] (see fastomni.batch)")
+    p.add_argument("--out", required=True, help="output folder: OUT/<name>/ per video, OUT/summary.json")
     add_config_arguments(p)
     return parser
 

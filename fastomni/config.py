@@ -68,6 +68,8 @@ class Config:
     num_pairs: int = 8  # frame pairs per batch
     num_pts: int = 256  # pixels per pair
     max_side: int = 0  # fastomni: downscale frames so the longer side is at most this (0: keep)
+    pair_near: int = 0  # fastomni: 0: flow for every frame pair (the original); k: pairs within k frames, then 2k, 4k, ...
+    pair_sampling: str = "original"  # fastomni: 'original' or 'uniform' (targets uniform, every pair weighted 1)
     # learning rates
     lr_feature: float = 1e-3
     lr_deform: float = 1e-4
@@ -108,7 +110,7 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("i_print", "i_img", "i_weight", "i_cache", "max_side", "grad_clip", "max_padding"):
+        for name in ("i_print", "i_img", "i_weight", "i_cache", "max_side", "grad_clip", "max_padding", "pair_near"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_feature", "lr_deform", "lr_color", "lrate_decay_factor"):
@@ -122,6 +124,8 @@ class Config:
             raise ValueError(f"num_imgs must be >= 2 (a video of at least 2 frames), got {self.num_imgs}")
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.pair_sampling not in ("original", "uniform"):
+            raise ValueError(f"pair_sampling must be 'original' or 'uniform', got {self.pair_sampling!r}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (checked like a fresh config)."""
@@ -149,7 +153,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The fast model family (grids, fastomni.nn.fast) on a CPU budget; its schedule was chosen by
     # measurement (docs/fast-preset.md).
     "fast": {
-        "family": "fast", "max_side": 128, "num_pairs": 4, "num_pts": 128, "num_samples_ray": 8, "num_iters": 2400,
+        "family": "fast", "max_side": 128, "pair_near": 8, "pair_sampling": "uniform", "num_pairs": 4, "num_pts": 128,
+        "num_samples_ray": 8, "num_iters": 2400,
         "lr_feature": 1e-2, "lr_deform": 1e-2, "lr_color": 1e-2, "lrate_decay_steps": 600,
         "use_error_map": False, "use_affine": False, "i_print": 100, "i_img": 0, "i_weight": 600, "i_cache": 600,
         "chunk_size": 4096, "device": "cpu",

@@ -18,8 +18,23 @@ the ray-jitter generator, the sampler's generator and its hard-mining cache, so 
 computes the same numbers as one never stopped. A process killed between checkpoints resumes from
 the last one: the log lines of the steps it redoes are dropped from ``log.txt`` first.
 
+Where "the same numbers" holds: on the CPU (``reference`` and ``cpu`` backends), where every
+gradient is summed in a fixed order (the C++ kernels' results do not depend on the thread count).
+On a GPU it does not, bit for bit, wherever a gradient is a sum of float atomics, whose order varies
+from run to run: the table gradient of ``grid_encode`` (``triton``, ``cuda``, and the reference's
+``index_add_``) and the weight gradients of ``affine_coupling``'s ``cuda`` backend. A resumed GPU run
+(or a repeated one) using them continues from the same state but drifts from an unstopped one by
+rounding. The ``triton`` ``affine_coupling`` backward uses no atomics (its weight gradients are one
+``mm`` per weight over per-point buffers: the same bits on every run of a shape, on one GPU model
+and library version), nor do the ``triton`` ``gabor_filter``, ``composite`` and
+``stratified_sample`` kernels.
+
 Resuming refuses, before anything in the run folder is rewritten, a run of another clip (another
 ``data_dir``, frame count or image size) and one whose networks were built with other options.
+
+Under ``torchrun`` (``comm``, :mod:`fastomni.distributed`) the loop is data-parallel: each rank
+draws its own pairs, the loss is the global batch's, rank 0 alone writes the run folder, and
+checkpoints hold every rank's sampler state (resuming with another world size needs ``allow_resize``).
 
 Example::
 
@@ -47,8 +62,9 @@ from fastomni._atomic import write_atomic_text
 from fastomni.checkpoint import checkpoint_step, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 from fastomni.config import FAMILIES, MODEL_KEYS, Config, config_to_text, load_config
 from fastomni.inputs import InputError
-from fastomni.nn.fast import FastOmniMotion
+from fastomni.nn.fast import FAST_LEGACY, FastOmniMotion
 from fastomni.nn.model import OmniMotion, RayModel
+from fastomni.preprocess import read_shots
 from fastomni.query import pair_flows, track_points
 from fastomni.sampler import PairSampler
 from fastomni.train import make_optimizer, training_step
@@ -105,8 +121,10 @@ def build_model(cfg: Config, num_imgs: int, h: int, w: int, device: torch.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if family == "fast":
+            # a checkpoint's options miss those added after it was written: they take their old value
+            shape = {} if options is None else {**FAST_LEGACY, **options}
             model = FastOmniMotion(num_imgs, h, w, num_samples_ray=cfg.num_samples_ray, min_depth=cfg.min_depth,
-                                   max_depth=cfg.max_depth, **(options or {}))
+                                   max_depth=cfg.max_depth, **shape)
         elif family == "original":
             model = OmniMotion(num_imgs, h, w, num_samples_ray=cfg.num_samples_ray, min_depth=cfg.min_depth,
                                max_depth=cfg.max_depth, pe_freq=cfg.pe_freq, use_affine=cfg.use_affine)
@@ -194,15 +212,34 @@ def _truncate_log(log_path: str, step: int) -> None:
 
 
 def _restore(ckpt: dict, source: str, model, optimizer, scheduler, sampler: PairSampler, generator: torch.Generator,
-             cfg: Config, run_dir: str) -> int:
+             cfg: Config, run_dir: str, comm=None) -> int:
     restore_checkpoint(ckpt, model, optimizer if cfg.load_opt else None, scheduler if cfg.load_scheduler else None)
     step = int(ckpt["step"]) if "step" in ckpt else checkpoint_step(source)
     rng = ckpt.get("rng")
     if rng is not None and os.path.dirname(os.path.abspath(source)) == os.path.abspath(run_dir):
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
-        sampler.load_state_dict(rng["sampler"], run_dir)
+        if comm is None:
+            sampler.load_state_dict(rng["sampler"], run_dir)
+        else:
+            from fastomni.distributed import rank_generator
+
+            states = rng.get("sampler_ranks", [rng["sampler"]])
+            if comm.rank < len(states):
+                sampler.load_state_dict(states[comm.rank], run_dir)
+            else:  # --allow-resize to more ranks: a new rank's stream, fresh at this step
+                sampler.load_state_dict({**states[0], "rng": sampler.rng.bit_generator.state}, run_dir)
+                sampler.rng = rank_generator(cfg.loader_seed + step, comm.rank)
     return step
+
+
+def _check_world_size(ckpt: dict, source: str, comm, allow_resize: bool) -> None:
+    """Refuse to resume a run of another world size (the ranks' sampler streams would not continue)."""
+    saved = int(ckpt.get("world_size", 1))
+    now = 1 if comm is None else comm.world_size
+    if saved != now and not allow_resize:
+        raise InputError(f"{source} was written by a run of {saved} rank(s), this one has {now}: resuming would "
+                         "not continue its sampler streams; use the same number of ranks or --allow-resize")
 
 
 def _snapshot(model: OmniMotion, sampler: PairSampler, cfg: Config, run_dir: str, step: int) -> None:
@@ -218,9 +255,13 @@ def _snapshot(model: OmniMotion, sampler: PairSampler, cfg: Config, run_dir: str
                       os.path.join(run_dir, "vis", f"tracks_{step:06d}.png"))
 
 
-def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> OptimizeResult:
+def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True, comm=None,
+             allow_resize: bool = False) -> OptimizeResult:
     """Optimize OmniMotion on the preprocessed sequence ``seq_dir`` for ``cfg.num_iters`` steps,
     continuing from ``run_dir``'s latest checkpoint (or ``cfg.ckpt_path``) unless ``cfg.no_reload``.
+
+    ``comm`` (:func:`fastomni.distributed.init_from_env`): data-parallel over its ranks, rank 0
+    alone writing; a checkpoint of another world size is refused unless ``allow_resize``.
 
     Returns an :class:`OptimizeResult`; raises :class:`Interrupted` (a ``KeyboardInterrupt``) after
     saving when stopped by SIGINT/SIGTERM.
@@ -228,8 +269,14 @@ def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> 
     start_time = time.perf_counter()
     device = resolve_device(cfg.device)
     sampler = PairSampler(seq_dir, cfg.num_pairs, cfg.num_pts, cfg.num_imgs, cfg.start_interval,
-                          cfg.use_count_map, cfg.use_error_map, seed=cfg.loader_seed)
+                          cfg.use_count_map, cfg.use_error_map, seed=cfg.loader_seed, pair_sampling=cfg.pair_sampling)
     sampler.check_flows()  # a bad flow file is found now, not at the step that first draws it
+    main = comm is None or comm.is_main
+    if comm is not None:
+        from fastomni.distributed import pair_flows_sharded, rank_generator
+
+        sampler.rng = rank_generator(cfg.loader_seed, comm.rank)
+        progress = progress and main
     existing = latest_checkpoint(run_dir)
     if cfg.no_reload and existing:
         raise InputError(f"{run_dir} already holds checkpoints (latest {os.path.basename(existing)}) and no_reload "
@@ -241,26 +288,39 @@ def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> 
     ckpt = read_checkpoint(source, map_location=device) if source else None
     if ckpt is not None:
         _check_same_clip(source, ckpt, sampler, run_dir, seq_dir)
+        _check_world_size(ckpt, source, comm, allow_resize)
     # Everything is checked: only now is the run folder written.
-    os.makedirs(run_dir, exist_ok=True)
-    write_atomic_text(os.path.join(run_dir, "config.txt"), config_to_text(dataclasses.replace(cfg, data_dir=seq_dir)))
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        write_atomic_text(os.path.join(run_dir, "config.txt"),
+                          config_to_text(dataclasses.replace(cfg, data_dir=seq_dir)))
 
-    model = build_model(cfg, sampler.num_imgs, sampler.h, sampler.w, device)
+    model = build_model(cfg, sampler.num_imgs, sampler.h, sampler.w, device,
+                        options=None if ckpt is None else ckpt.get("model_options"))
+    shots = read_shots(seq_dir, sampler.num_imgs)
+    model.shots = shots if shots.max() > 0 else None
     optimizer, scheduler = make_optimizer(model, cfg.lr_feature, cfg.lr_deform, cfg.lr_color, cfg.lrate_decay_steps,
                                           cfg.lrate_decay_factor)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     step = 0
     if ckpt is not None:
-        step = _restore(ckpt, source, model, optimizer, scheduler, sampler, generator, cfg, run_dir)
+        step = _restore(ckpt, source, model, optimizer, scheduler, sampler, generator, cfg, run_dir, comm)
         if progress:
             tqdm.write(f"resuming from {source} at step {step}")
     saved = source
     log_path = os.path.join(run_dir, "log.txt")
-    _truncate_log(log_path, step)
+    if main:
+        _truncate_log(log_path, step)
 
     def save(s: int) -> str:
         rng = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "sampler": sampler.state_dict()}
+        if comm is not None:  # every rank's sampler; rank 0 writes
+            rng["sampler_ranks"] = comm.all_gather_object(sampler.state_dict())
+            if not main:
+                return os.path.join(run_dir, f"model_{s:06d}.pth")
+            return save_checkpoint(run_dir, s, model, optimizer, scheduler, rng=rng, num_imgs=model.num_imgs,
+                                   image_size=(model.h, model.w), world_size=comm.world_size)
         return save_checkpoint(run_dir, s, model, optimizer, scheduler, rng=rng, num_imgs=model.num_imgs,
                                image_size=(model.h, model.w))
 
@@ -272,22 +332,29 @@ def optimize(seq_dir: str, run_dir: str, cfg: Config, progress: bool = True) -> 
             while step < cfg.num_iters:
                 # The cache of step s is made when step s + 1 needs it: never after the last step.
                 if cfg.use_error_map and cfg.i_cache and step and step % cfg.i_cache == 0 and sampler.cache_step != step:
-                    flows = pair_flows(model, *sampler.cache_pairs(), use_max_loc=cfg.use_max_loc,
-                                       chunk_size=cfg.chunk_size)
-                    sampler.set_error_cache(flows, step, run_dir)
+                    if comm is None:
+                        flows = pair_flows(model, *sampler.cache_pairs(), use_max_loc=cfg.use_max_loc,
+                                           chunk_size=cfg.chunk_size)
+                    else:  # the frames split over ranks, gathered
+                        flows = pair_flows_sharded(comm, model, *sampler.cache_pairs(), use_max_loc=cfg.use_max_loc,
+                                                   chunk_size=cfg.chunk_size)
+                    sampler.set_error_cache(flows, step, run_dir if main else None)
                 step += 1
                 batch = sampler.sample(step)
                 result = training_step(model, optimizer, scheduler, batch, step, generator=generator,
-                                       grad_clip=cfg.grad_clip, max_padding=cfg.max_padding, mask_near=cfg.mask_near)
-                if cfg.i_img and step % cfg.i_img == 0:
+                                       grad_clip=cfg.grad_clip, max_padding=cfg.max_padding, mask_near=cfg.mask_near,
+                                       **({} if comm is None else {"comm": comm}))
+                if cfg.i_img and step % cfg.i_img == 0 and main:
                     _snapshot(model, sampler, cfg, run_dir, step)
-                if (cfg.i_print and step % cfg.i_print == 0) or step == cfg.num_iters:
+                if main and ((cfg.i_print and step % cfg.i_print == 0) or step == cfg.num_iters):
                     terms = " ".join(f"{k}: {v:.5f}" for k, v in result.terms.items())
                     with open(log_path, "a", encoding="utf-8") as f:
                         f.write(f"step: {step} | loss: {result.loss:.5f} | {terms} | "
                                 f"lr: {optimizer.param_groups[0]['lr']:.3g}\n")
                     bar.set_postfix(loss=f"{result.loss:.4f}", flow=f"{result.terms.get('flow', float('nan')):.3f}")
                 bar.update(1)
+                if comm is not None and comm.any(signals.signum is not None):  # a signal on any rank stops all
+                    signals.signum = signals.signum or signal.SIGTERM
                 if (cfg.i_weight and step % cfg.i_weight == 0) or step == cfg.num_iters or signals.signum:
                     saved = save(step)
                 if signals.signum is not None:
@@ -316,4 +383,6 @@ def load_run(run_dir: str, device: str = "auto", checkpoint: str | None = None) 
     model = build_model(cfg, int(ckpt["num_imgs"]), int(h), int(w), dev, family=ckpt.get("family", "original"),
                         options=ckpt.get("model_options"))
     restore_checkpoint(ckpt, model)
+    if ckpt.get("shots") is not None:
+        model.shots = np.asarray(ckpt["shots"], np.int64)
     return model.eval(), cfg, int(ckpt["step"]) if "step" in ckpt else checkpoint_step(path)

@@ -81,7 +81,7 @@ def prepare_sequence(video, run_dir: str, cfg: Config, progress: bool = True, ma
     # The stored JPEGs of this very video are reused as they are (a pixel-wise comparison with
     # fresh frames would have to allow for JPEG noise); another video is left to preprocess to refuse.
     preprocess(seq_dir if same else frames, seq_dir, max_interval=max_interval, progress=progress,
-               flow_preset=flow_preset)
+               flow_preset=flow_preset, pair_near=cfg.pair_near)
     write_atomic_text(info_path, json.dumps(info, indent=1) + "\n")
     return seq_dir, info
 

@@ -164,14 +164,26 @@ def iter_tracks(model: OmniMotion, query_points, use_max_loc: bool = True, occlu
                 px2, depth = rays.to_frame(model, j, chunk_size)
             with annotate("query.occlusion"):
                 scores = _occlusion_scores(model, j, px2, depth, chunk_size)
-            xy = px2.float().cpu().numpy()
-            sc = scores.float().cpu().numpy()
-            own = frames == j
-            xy[own], sc[own] = q[own][:, [2, 1]], 0.0
-            outside = (xy[:, 0] < 0) | (xy[:, 0] > model.w - 1) | (xy[:, 1] < 0) | (xy[:, 1] > model.h - 1)
-            yield j, xy, (sc > occlusion_th) | np.isnan(sc) | ~np.isfinite(xy).all(-1) | outside, sc
+            yield frame_result(model, q, j, px2, scores, occlusion_th)
     finally:
         model.train(was_training)
+
+
+def frame_result(model: OmniMotion, q: np.ndarray, j: int, px2: Tensor, scores: Tensor, occlusion_th: float
+                 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(j, xy [N, 2], occluded [N], scores [N])`` for queries ``q [N, 3]`` mapped to frame ``j``:
+    a query's own frame gives its pixel (score 0); occluded where the score exceeds ``occlusion_th``,
+    is NaN, the point is not finite or outside the image. In a video with shot cuts
+    (``model.shots``), a query has no estimate (NaN, occluded) in another shot's frames."""
+    xy = px2.float().cpu().numpy()
+    sc = scores.float().cpu().numpy()
+    own = q[:, 0].astype(np.int64) == j
+    xy[own], sc[own] = q[own][:, [2, 1]], 0.0
+    if getattr(model, "shots", None) is not None:
+        other = model.shots[q[:, 0].astype(np.int64)] != model.shots[j]
+        xy[other], sc[other] = np.nan, np.nan
+    outside = (xy[:, 0] < 0) | (xy[:, 0] > model.w - 1) | (xy[:, 1] < 0) | (xy[:, 1] > model.h - 1)
+    return j, xy, (sc > occlusion_th) | np.isnan(sc) | ~np.isfinite(xy).all(-1) | outside, sc
 
 
 def track_points(model: OmniMotion, query_points, use_max_loc: bool = True, occlusion_th: float = 0.99,
@@ -266,8 +278,9 @@ class NoEstimateWarning(UserWarning):
 
 def _warn_no_estimate(path: str, missing: int, total: int) -> None:
     if missing:
-        warnings.warn(f"{path}: {missing} of {total} track positions have no estimate (non-finite: the model "
-                      "diverged there); stored as they are, read as occluded", NoEstimateWarning, stacklevel=3)
+        warnings.warn(f"{path}: {missing} of {total} track positions have no estimate (non-finite: in another "
+                      "shot of a video with cuts, or where the model diverged); stored as they are, read as occluded",
+                      NoEstimateWarning, stacklevel=3)
 
 
 HALF_MAX_ERROR = 0.05  # pixels: the largest rounding error accepted for float16 displacements
@@ -328,13 +341,16 @@ def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, ima
 
 def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bool = True,
                  occlusion_th: float = 0.99, half: bool = False, chunk_size: int = 10000,
-                 scale_to: tuple[int, int] | None = None, progress: bool = True) -> str:
+                 scale_to: tuple[int, int] | None = None, progress: bool = True, tables=None, results=None) -> str:
     """Track every pixel of ``query_frame`` to every frame and write ``path`` (``.npz``), one entry
     per target frame (``tracks_{t:05d} [H*W, 2]``, ``occluded_…``, ``scores_…``) written as it is
     computed. ``scale_to`` (h, w) rescales tracks and query points to another image size (the
     video's, when the model ran on downscaled frames). ``half``: as in :func:`save_tracks`, decided
     per target frame (one :class:`PrecisionWarning` lists the frames stored float32).
-    :func:`load_tracks` reassembles ``[H*W, T, ...]``."""
+    :func:`load_tracks` reassembles ``[H*W, T, ...]``. ``tables``: an
+    :class:`fastomni.field.OcclusionTables` of ``model`` for the occlusion scores (else the exact
+    per-point occlusion ray). ``results``: the per-frame ``(j, xy, occluded, scores)`` computed
+    elsewhere (:func:`fastomni.distributed.export_dense_sharded`: split over ranks)."""
     queries = _grid_queries(model, query_frame)
     out_q = queries.copy()
     size = (model.h, model.w)
@@ -350,7 +366,13 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
             _write_entry(zf, "image_size", np.asarray(size, np.int64))
             _write_entry(zf, "num_frames", np.asarray(model.num_imgs))
             _write_entry(zf, "relative", np.array(half))
-            for j, xy, occ, sc in iter_tracks(model, queries, use_max_loc, occlusion_th, chunk_size, progress=progress):
+            if results is None and tables is None:
+                results = iter_tracks(model, queries, use_max_loc, occlusion_th, chunk_size, progress=progress)
+            elif results is None:
+                from fastomni.field import iter_field_tracks
+
+                results = iter_field_tracks(model, query_frame, tables, use_max_loc, occlusion_th, chunk_size, progress)
+            for j, xy, occ, sc in results:
                 if scale_to is not None:
                     xy = rescale_points(xy, (model.h, model.w), scale_to)
                 stored, refused[j] = _stored_xy(xy, start, half)

@@ -44,10 +44,11 @@ import torch
 from fastomni._atomic import atomic_output
 from fastomni.inputs import InputError, read_json
 from fastomni.io import frame_files
-from fastomni.preprocess import bilinear_sample
+from fastomni.preprocess import bilinear_sample, read_shots
 
-__all__ = ["INTERVAL_GROWTH_STEPS", "PairSampler", "error_cache_path"]
+__all__ = ["INTERVAL_GROWTH_STEPS", "PAIR_SAMPLING", "PairSampler", "error_cache_path"]
 
+PAIR_SAMPLING = ("original", "uniform")
 INTERVAL_GROWTH_STEPS = 2000  # the largest pair interval grows by one every this many steps
 
 
@@ -68,16 +69,24 @@ class PairSampler:
     ``flow_stats.json``, frames named as in ``color/``).
 
     ``num_imgs`` limits the frames used to the first ones; ``start_interval``, ``use_count_map``
-    and ``use_error_map`` are the original's options. Raises ``FileNotFoundError``/``ValueError``
+    and ``use_error_map`` are the original's options. ``pair_sampling``: ``"original"`` (the
+    target frame drawn by kept-flow count with adjacent frames boosted, the pair weighted by
+    ``cos((|i - j| - 1) / max_interval * pi / 2)``) or ``"uniform"`` (the target drawn uniformly
+    among the frame's pairs, every pair weighted 1: long pairs, which pin down drift, count as
+    much as adjacent ones). Raises ``FileNotFoundError``/``ValueError``
     naming the missing or malformed part of the folder.
     """
 
     def __init__(self, seq_dir: str, num_pairs: int = 8, num_pts: int = 256, num_imgs: int | None = None,
-                 start_interval: int = 20, use_count_map: bool = True, use_error_map: bool = True, seed: int = 12):
+                 start_interval: int = 20, use_count_map: bool = True, use_error_map: bool = True, seed: int = 12,
+                 pair_sampling: str = "original"):
         if num_pairs < 1 or num_pts < 1:
             raise InputError(f"num_pairs and num_pts must be >= 1, got {num_pairs} and {num_pts}")
         if start_interval < 1:
             raise InputError(f"start_interval must be >= 1, got {start_interval}")
+        if pair_sampling not in PAIR_SAMPLING:
+            raise InputError(f"pair_sampling must be one of {PAIR_SAMPLING}, got {pair_sampling!r}")
+        self.pair_sampling = pair_sampling
         self.seq_dir = os.fspath(seq_dir)
         self.num_pairs, self.num_pts = num_pairs, num_pts
         self.start_interval = start_interval
@@ -99,6 +108,11 @@ class PairSampler:
             raise InputError(f"frames in {color} differ in size: {sorted(shapes)}")
         self.h, self.w = self.images.shape[1:3]
         self.pair_probs = self._pair_probabilities()
+        # frames with a pair to draw from; None when every frame has one (the original's draw)
+        drawable = [i for i, targets in enumerate(self.pair_probs) if targets]
+        if not drawable:
+            raise InputError(f"{self.seq_dir}: no frame has a flow to another frame (every frame is a shot of its own)")
+        self.drawable = None if len(drawable) == self.num_imgs else np.array(drawable)
         self.count_maps = self._count_maps() if use_count_map else None
         ys, xs = np.mgrid[0:self.h, 0:self.w]
         self.grid = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float32)  # (x, y), row-major
@@ -115,16 +129,18 @@ class PairSampler:
             raise FileNotFoundError(f"{path} not found (run `fastomni preprocess` first)")
         stats = read_json(path, "flow stats")
         index = {n: k for k, n in enumerate(self.names)}
+        shots = read_shots(self.seq_dir, self.num_imgs)
+        alone = [int((shots == s).sum()) == 1 for s in shots]  # a one-frame shot has no pair
         probs = []
         for i, name in enumerate(self.names):
             if name not in stats:
                 raise InputError(f"{path} has no entry for frame {name!r}")
             counts = {index[b]: float(c) for b, c in stats[name].items() if b in index and b != name}
-            if not counts:
+            if not counts and not alone[i]:
                 raise InputError(f"{path}: frame {name!r} has no flow to any other frame")
             if any(c < 0 or not np.isfinite(c) for c in counts.values()):
                 raise InputError(f"{path}: frame {name!r} has a negative or non-finite count")
-            total = sum(counts.values())
+            total = sum(counts.values()) if counts else 0.0
             probs.append({j: (c / total if total > 0 else 0.0) for j, c in counts.items()})
         return probs
 
@@ -179,6 +195,8 @@ class PairSampler:
         cands = np.array(sorted(j for j in self.pair_probs[i] if abs(j - i) <= max_interval))
         if cands.size == 0:
             raise InputError(f"frame {self.names[i]} has no flow to a frame within {max_interval} frames")
+        if self.pair_sampling == "uniform":
+            return int(self.rng.choice(cands))
         p = np.array([self.pair_probs[i][j] for j in cands])
         p = p / p.sum() if p.sum() > 0 else np.full(len(cands), 1.0 / len(cands))
         p[np.abs(cands - i) <= 1] = 0.5
@@ -206,8 +224,10 @@ class PairSampler:
         ``weights`` ``[P, 1]``."""
         if self.use_error_map and self.frame_errors is not None and self.frame_errors.sum() > 0:
             i = int(self.rng.choice(self.num_imgs, p=self.frame_errors / self.frame_errors.sum()))
-        else:
+        elif self.drawable is None:
             i = int(self.rng.integers(self.num_imgs))
+        else:
+            i = int(self.drawable[self.rng.integers(len(self.drawable))])
         max_interval = self.max_interval(step)
         j = self._draw_target(i, max_interval)
         flow = self._flow(i, j)
@@ -221,7 +241,12 @@ class PairSampler:
         pts1 = self.grid[flat][sel]
         pts2 = pts1 + flow.reshape(-1, 2)[flat][sel]
         covisible = cycle.reshape(-1)[flat][sel]
-        weight = 0.0 if invalid else float(np.cos((abs(i - j) - 1.0) / max_interval * np.pi / 2))
+        if invalid:
+            weight = 0.0
+        elif self.pair_sampling == "uniform":
+            weight = 1.0
+        else:
+            weight = float(np.cos((abs(i - j) - 1.0) / max_interval * np.pi / 2))
         weights = np.full((self.num_pts, 1), weight, np.float32)
         rgb1 = self.images[i].reshape(-1, 3)[flat][sel].astype(np.float32) / 255.0
         rgb2 = bilinear_sample(self.images[j], pts2) / np.float32(255.0)  # zero outside, as the original
@@ -242,10 +267,13 @@ class PairSampler:
     # -- hard-mining cache ----------------------------------------------------------------------
     def cache_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """The pairs whose predicted flow feeds the hard-mining cache: ``(i, i+1)``, the last frame
-        to ``T-2``. Returns ``(ids1 [T], ids2 [T])``."""
+        of the video (or of a shot) to the one before it. Returns ``(ids1 [T], ids2 [T])``."""
         ids1 = np.arange(self.num_imgs)
         ids2 = ids1 + 1
         ids2[-1] = self.num_imgs - 2
+        for i in range(self.num_imgs - 1):
+            if ids2[i] not in self.pair_probs[i] and i - 1 in self.pair_probs[i]:
+                ids2[i] = i - 1
         return ids1, ids2
 
     def set_error_cache(self, pred_flows: np.ndarray, step: int, folder: str | None = None) -> None:
@@ -257,6 +285,10 @@ class PairSampler:
         ids1, ids2 = self.cache_pairs()
         maps, errors = [], []
         for i, j in zip(ids1, ids2):
+            if int(j) not in self.pair_probs[i]:  # a one-frame shot: nothing to learn from, never drawn
+                errors.append(0.0)
+                maps.append(np.zeros((self.h, self.w), np.float32))
+                continue
             err = np.linalg.norm(pred_flows[i] - self._flow(int(i), int(j)), axis=-1)
             errors.append(err.mean())
             maps.append(cv2.GaussianBlur(err, (5, 5), 0))

@@ -101,6 +101,19 @@ def _in_image(px: Tensor, h: int, w: int, pad: float = 0) -> Tensor:
     return (px[..., 0] >= -pad) & (px[..., 0] <= w - 1 + pad) & (px[..., 1] >= -pad) & (px[..., 1] <= h - 1 + pad)
 
 
+def _scene_flow_errors(model: OmniMotion, ids1: Tensor, x1: Tensor, u1: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-sample errors ``[n, P', K]`` of :func:`_scene_flow_smoothness` for every pair, and the
+    pairs ``[n]`` that count (frame i neither the first nor the last): its terms before the batch-wide
+    trimmed mean, for a global batch assembled over ranks (:mod:`fastomni.distributed`)."""
+    valid = (ids1 >= 1) & (ids1 < model.num_imgs - 1)
+    if model.num_imgs < 3:  # no frame has two neighbours
+        return x1.new_zeros(x1.shape[:-1]), valid
+    ids = ids1.clamp(1, model.num_imgs - 2)
+    both = model.map_from_canonical(torch.cat([u1, u1]), torch.cat([ids - 1, ids + 1]))
+    x_prev, x_next = both.split(len(ids))
+    return F.l1_loss(x1 - x_prev, x_next - x1, reduction="none").mean(dim=-1), valid
+
+
 def _scene_flow_smoothness(model: OmniMotion, ids1: Tensor, x1: Tensor, u1: Tensor) -> Tensor:
     """L1 of ``x_{i+1} - 2 x_i + x_{i-1}`` (local 3D, frame i's samples mapped to i-1 and i+1),
     with the largest error dropped; pairs whose frame i is the first or last frame are skipped.
@@ -116,11 +129,15 @@ def _scene_flow_smoothness(model: OmniMotion, ids1: Tensor, x1: Tensor, u1: Tens
 
 
 def compute_losses(model: OmniMotion, batch: dict, step: int, generator: torch.Generator | None = None,
-                   max_padding: float = 0, mask_near: bool = False) -> tuple[Tensor, dict[str, Tensor], dict]:
+                   max_padding: float = 0, mask_near: bool = False, comm=None
+                   ) -> tuple[Tensor, dict[str, Tensor], dict]:
     """The original's total loss on a batch (see :mod:`fastomni.train`).
 
+    With ``comm`` (a :class:`fastomni.distributed.Comm`) the loss is that of the global batch, every
+    rank's pairs in rank order (see :mod:`fastomni.distributed`), and the same on every rank.
+
     Returns ``(loss, terms, data)``: ``terms`` the unweighted loss terms, ``data`` the predicted
-    pixels ``px2s_proj [n, P, 2]`` and the in-image mask ``in_range [n, P]``.
+    pixels ``px2s_proj [n, P, 2]`` and the in-image mask ``in_range [n, P]`` (this rank's pairs).
     """
     check_batch(model, batch)
     device = next(model.parameters()).device
@@ -132,7 +149,11 @@ def compute_losses(model: OmniMotion, batch: dict, step: int, generator: torch.G
     w = loss_weights(step)
 
     with annotate("train.sample"):
-        x1, depths1 = model.sample_rays(px1, det=False, generator=generator)
+        if comm is None:
+            x1, depths1 = model.sample_rays(px1, det=False, generator=generator)
+        else:
+            x1, depths1 = model.sample_rays(px1, noise=comm.rank_noise(generator, px1.shape[:2], model.num_samples_ray,
+                                                                      px1.dtype, px1.device))
     with annotate("train.map"):
         x2, u1 = model.map_between(x1, ids1, ids2)
     with annotate("train.render"):
@@ -147,26 +168,59 @@ def compute_losses(model: OmniMotion, batch: dict, step: int, generator: torch.G
         rgb_mask = _in_image(px1, model.h, model.w)
         zero = x1.new_zeros(())
         terms: dict[str, Tensor] = {}
+        rgbs, local_px2_proj, local_in_range = blend.rendered_rgbs, px2_proj, in_range
+        if comm is not None:
+            global_terms, (rgbs, gt_rgb1, rgb_mask, px2_proj, px2, pair_w, in_range) = _gather_loss_inputs(
+                comm, model, w, ids1, x1, u1, depths1, weights, px2_sample_depths, num_pts,
+                [rgbs, gt_rgb1, rgb_mask, px2_proj, px2, pair_w, in_range])
         if bool(in_range.any()):
-            terms["rgb"] = F.mse_loss(blend.rendered_rgbs[rgb_mask], gt_rgb1[rgb_mask])
-            terms["rgb_grad"] = losses.gradient_loss(blend.rendered_rgbs[rgb_mask], gt_rgb1[rgb_mask])
+            terms["rgb"] = F.mse_loss(rgbs[rgb_mask], gt_rgb1[rgb_mask])
+            terms["rgb_grad"] = losses.gradient_loss(rgbs[rgb_mask], gt_rgb1[rgb_mask])
             terms["flow"] = losses.masked_l1_loss(px2_proj[in_range], px2[in_range], pair_w[in_range], normalize=False)
             terms["flow_grad"] = losses.gradient_loss(px2_proj[in_range], px2[in_range], pair_w[in_range])
         else:
             terms.update(rgb=zero, rgb_grad=zero, flow=zero, flow_grad=zero)
-        terms["depth_range"] = losses.depth_range_loss(px2_sample_depths, model.min_depth, model.max_depth)
-        d = depths1[..., 0]
-        terms["distortion"] = losses.distortion_loss(torch.cat([d, d[..., -1:]], dim=-1), weights)
-        quarter = int(num_pts / 4)
-        terms["scene_flow_smoothness"] = _scene_flow_smoothness(model, ids1, x1[:, :quarter], u1[:, :quarter])
-        terms["canonical_unit_sphere"] = (losses.canonical_sphere_loss(u1) if w["canonical_unit_sphere"] > 0
-                                          else zero)
+        if comm is not None:
+            terms.update(global_terms)
+        else:
+            terms["depth_range"] = losses.depth_range_loss(px2_sample_depths, model.min_depth, model.max_depth)
+            d = depths1[..., 0]
+            terms["distortion"] = losses.distortion_loss(torch.cat([d, d[..., -1:]], dim=-1), weights)
+            quarter = int(num_pts / 4)
+            terms["scene_flow_smoothness"] = _scene_flow_smoothness(model, ids1, x1[:, :quarter], u1[:, :quarter])
+            terms["canonical_unit_sphere"] = (losses.canonical_sphere_loss(u1) if w["canonical_unit_sphere"] > 0
+                                              else zero)
         loss = (terms["flow"] + w["rgb"] * (terms["rgb"] + terms["rgb_grad"])
                 + w["depth_range"] * terms["depth_range"] + w["distortion"] * terms["distortion"]
                 + w["scene_flow_smooth"] * terms["scene_flow_smoothness"]
                 + w["canonical_unit_sphere"] * terms["canonical_unit_sphere"]
                 + w["flow_grad"] * terms["flow_grad"])
-    return loss, terms, {"px2s_proj": px2_proj.detach(), "in_range": in_range}
+    return loss, terms, {"px2s_proj": local_px2_proj.detach(), "in_range": local_in_range}
+
+
+def _gather_loss_inputs(comm, model: OmniMotion, w: dict, ids1: Tensor, x1: Tensor, u1: Tensor, depths1: Tensor,
+                        weights: Tensor, sample_depths: Tensor, num_pts: int, per_point: list[Tensor]):
+    """The global batch's loss inputs, in one all-gather: ``per_point`` tensors ``[n, P, ...]``
+    concatenated over ranks, and the terms that need no per-point data: depth range and distortion
+    (means over the same count on every rank: the mean of the ranks' means), the scene-flow term
+    (the trimmed mean of every rank's per-sample errors) and the canonical-sphere term (sum / count)."""
+    d = depths1[..., 0]
+    quarter = int(num_pts / 4)
+    sf_err, sf_valid = _scene_flow_errors(model, ids1, x1[:, :quarter], u1[:, :quarter])
+    sq = (u1 ** 2).sum(dim=-1)
+    outside = sq[sq >= 1.0] if w["canonical_unit_sphere"] > 0 else sq.new_zeros(0)
+    scalars = torch.stack([losses.depth_range_loss(sample_depths, model.min_depth, model.max_depth),
+                           losses.distortion_loss(torch.cat([d, d[..., -1:]], dim=-1), weights),
+                           ((outside - 1) ** 2).sum(), sq.new_tensor(float(outside.numel()))])[None]
+    gathered = comm.gather(per_point + [sf_err, sf_valid, scalars])
+    sf_err, sf_valid, scalars = gathered[-3:]
+    kept = sf_err[sf_valid]
+    sphere = scalars[:, 2].sum() / scalars[:, 3].sum() if float(scalars[:, 3].detach().sum()) > 0 else x1.new_zeros(())
+    terms = {"depth_range": scalars[:, 0].mean(), "distortion": scalars[:, 1].mean(),
+             "scene_flow_smoothness": (losses.trimmed_l1_loss(kept[..., None], torch.zeros_like(kept[..., None]), 1.0)
+                                       if kept.numel() else x1.new_zeros(())),
+             "canonical_unit_sphere": sphere if w["canonical_unit_sphere"] > 0 else x1.new_zeros(())}
+    return terms, gathered[:-3]
 
 
 @dataclass
@@ -182,18 +236,22 @@ class StepResult:
 
 def training_step(model: OmniMotion, optimizer, scheduler, batch: dict, step: int,
                   generator: torch.Generator | None = None, grad_clip: float = 0.0, max_padding: float = 0,
-                  mask_near: bool = False) -> StepResult:
+                  mask_near: bool = False, comm=None) -> StepResult:
     """One optimization step on ``batch`` (keys ids1, ids2 ``[n]``; pts1, pts2 ``[n, P, 2]`` pixels;
     gt_rgb1 ``[n, P, 3]``; weights ``[n, P, 1]``): zero grads, losses, backward, optional per-tensor
-    gradient clipping, Adam step, scheduler step. Raises if the loss or a gradient is not finite."""
+    gradient clipping, Adam step, scheduler step. Raises if the loss or a gradient is not finite.
+    With ``comm`` (:mod:`fastomni.distributed`): the global batch's loss, gradients summed over ranks."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, terms, data = compute_losses(model, batch, step, generator, max_padding, mask_near and step < 4000)
+    loss, terms, data = compute_losses(model, batch, step, generator, max_padding, mask_near and step < 4000, comm)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}: terms " +
                                  ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
     with annotate("train.backward"):
         loss.backward()
+    if comm is not None:
+        with annotate("train.all_reduce"):
+            comm.reduce_grads(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     # one fused pass over the gradients; names are looked up only when one is not finite
     if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):

@@ -139,9 +139,10 @@ def composite_fwd(density: torch.Tensor, colors: torch.Tensor, points: torch.Ten
     rgb, point, opacity = density.new_empty(R, C), density.new_empty(R, D), density.new_empty(R, 1)
     if R:
         block_r, block_k = _blocks(K)
-        _composite_fwd_kernel[(triton.cdiv(R, block_r),)](
-            density, colors, points, density if mask is None else mask, weights, alphas, rgb, point, opacity, R, K,
-            C=C, D=D, HAS_MASK=mask is not None, SELECT_MAX=select_max, BLOCK_R=block_r, BLOCK_K=block_k)
+        with torch.cuda.device_of(density):
+            _composite_fwd_kernel[(triton.cdiv(R, block_r),)](
+                density, colors, points, density if mask is None else mask, weights, alphas, rgb, point, opacity,
+                R, K, C=C, D=D, HAS_MASK=mask is not None, SELECT_MAX=select_max, BLOCK_R=block_r, BLOCK_K=block_k)
     return weights, alphas, rgb, point, opacity
 
 
@@ -153,9 +154,10 @@ def composite_bwd(grad_weights, grad_alphas, grad_rgb, grad_point, grad_opacity,
     grad_density, grad_colors, grad_points = torch.empty_like(density), torch.empty_like(colors), torch.empty_like(points)
     if R:
         block_r, block_k = _blocks(K)
-        _composite_bwd_kernel[(triton.cdiv(R, block_r),)](
-            grad_weights, grad_alphas, grad_rgb, grad_point, grad_opacity, density, colors, points,
-            density if mask is None else mask, grad_density, grad_colors, grad_points, R, K,
-            C=colors.shape[-1], D=points.shape[-1], HAS_MASK=mask is not None, SELECT_MAX=select_max,
-            BLOCK_R=block_r, BLOCK_K=block_k)
+        with torch.cuda.device_of(density):
+            _composite_bwd_kernel[(triton.cdiv(R, block_r),)](
+                grad_weights, grad_alphas, grad_rgb, grad_point, grad_opacity, density, colors, points,
+                density if mask is None else mask, grad_density, grad_colors, grad_points, R, K,
+                C=colors.shape[-1], D=points.shape[-1], HAS_MASK=mask is not None, SELECT_MAX=select_max,
+                BLOCK_R=block_r, BLOCK_K=block_k)
     return grad_density, grad_colors, grad_points

@@ -25,7 +25,9 @@ accumulator (``BM x BN`` float32, 32 registers a thread) and the epilogue stay i
 a stage at BK = 32, float32). The filter parameters of the tile's columns (``W``, ``mu``: ``IN x BN``;
 ``b``, ``gamma``: ``BN``) and the tile's points (``BM x IN``) are loaded once, as vectors. ``IN``
 (1 or 3 in OmniMotion) is a compile-time constant: ``x W^T`` and ``x mu^T`` are ``IN`` broadcast
-multiply-adds, no dot. float32 dots use ``input_precision="ieee"`` (no TF32): the spec is float32.
+multiply-adds, no dot. float32 dots use ``input_precision="tf32x3"`` (three TF32 tensor-core
+products: float32 accuracy; emulated at widths 512 and 256 their error matched the FMA path's, both far
+inside the float32 tolerances), float64 dots ``ieee``.
 sin/cos take a Cody-Waite reduction by pi/2 and minimax polynomials (float32; ``tl.sin`` may lower
 to the approximate hardware instruction, far off at the hundreds of radians these filters reach);
 float64 uses ``tl.sin``/``tl.cos``.
@@ -98,7 +100,7 @@ def _filter_tile(x_ptr, w_ptr, b_ptr, mu_ptr, gamma_ptr, rows, cols, rmask, cmas
 
 @triton.jit
 def _matmul_tile(a_ptr, m_ptr, rows, cols, rmask, cmask, K, stride_mk, stride_mn, acc,
-                 BK: tl.constexpr):
+                 BK: tl.constexpr, IS_FP64: tl.constexpr):
     """``acc + A[rows, :] @ M[:, cols]`` with A ``[N, K]`` row-major and M ``[K, H]`` strided."""
     ks = tl.arange(0, BK)
     for k0 in range(0, K, BK):
@@ -107,7 +109,10 @@ def _matmul_tile(a_ptr, m_ptr, rows, cols, rmask, cmask, K, stride_mk, stride_mn
         a = tl.load(a_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         m = tl.load(m_ptr + kk[:, None] * stride_mk + cols[None, :] * stride_mn,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, m, acc, input_precision="ieee")
+        if IS_FP64:
+            acc = tl.dot(a, m, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, m, acc, input_precision="tf32x3")
     return acc
 
 
@@ -131,7 +136,7 @@ def _gabor_fwd_kernel(x_ptr, w_ptr, b_ptr, mu_ptr, gamma_ptr, a_ptr, lw_ptr, lb_
     idx = rows[:, None] * H + cols[None, :]
     if HAS_LIN:
         acc = tl.zeros((BM, BN), dtype=tl.float64 if IS_FP64 else tl.float32)
-        lin = _matmul_tile(a_ptr, lw_ptr, rows, cols, rmask, cmask, K, 1, K, acc, BK)
+        lin = _matmul_tile(a_ptr, lw_ptr, rows, cols, rmask, cmask, K, 1, K, acc, BK, IS_FP64)
         if HAS_BIAS:
             lin += tl.load(lb_ptr + cols, mask=cmask, other=0.0)[None, :]
         if SAVE_LIN:
@@ -152,7 +157,7 @@ def _gabor_bwd_kernel(x_ptr, w_ptr, b_ptr, mu_ptr, gamma_ptr, a_ptr, m_ptr, lb_p
     idx = rows[:, None] * H + cols[None, :]
     if HAS_MATMUL:
         acc = tl.zeros((BM, BN), dtype=tl.float64 if IS_FP64 else tl.float32)
-        acc = _matmul_tile(a_ptr, m_ptr, rows, cols, rmask, cmask, K, stride_mk, stride_mn, acc, BK)
+        acc = _matmul_tile(a_ptr, m_ptr, rows, cols, rmask, cmask, K, stride_mk, stride_mn, acc, BK, IS_FP64)
     if HAS_MATMUL and not MATMUL_IS_LIN:
         gh = acc
     else:
@@ -211,11 +216,12 @@ def _filter_fwd(x, w, b, mu, gamma, a=None, lw=None, lb=None, lin_out=None):
     if N == 0:
         return out
     has_lin = a is not None
-    _gabor_fwd_kernel[_grid(N, H)](
-        x, w, b, mu, gamma, a if has_lin else x, lw if has_lin else w, lb if lb is not None else b,
-        lin_out if lin_out is not None else out, out, N, H, a.shape[1] if has_lin else 1,
-        IN=n_in, HAS_LIN=has_lin, HAS_BIAS=lb is not None, SAVE_LIN=lin_out is not None,
-        IS_FP64=x.dtype == torch.float64, BM=BM, BN=BN, BK=BK)
+    with torch.cuda.device_of(x):
+        _gabor_fwd_kernel[_grid(N, H)](
+            x, w, b, mu, gamma, a if has_lin else x, lw if has_lin else w, lb if lb is not None else b,
+            lin_out if lin_out is not None else out, out, N, H, a.shape[1] if has_lin else 1,
+            IN=n_in, HAS_LIN=has_lin, HAS_BIAS=lb is not None, SAVE_LIN=lin_out is not None,
+            IS_FP64=x.dtype == torch.float64, BM=BM, BN=BN, BK=BK)
     return out
 
 
@@ -234,12 +240,14 @@ def _filter_bwd(x, w, b, mu, gamma, *, a=None, m=None, matmul_is_lin=False, lb=N
     prow = x.new_empty(gn, N, n_in)
     if N > 0:
         has_mm = a is not None
-        _gabor_bwd_kernel[(gm, gn)](
-            x, w, b, mu, gamma, a if has_mm else x, m if has_mm else w, lb if lb is not None else b,
-            gh if gh is not None else x, lin if lin is not None else x, dlin if has_lin else x, h if write_h else x,
-            pcol, prow, N, H, a.shape[1] if has_mm else 1, m.stride(0) if has_mm else 0, m.stride(1) if has_mm else 0,
-            IN=n_in, HAS_MATMUL=has_mm, MATMUL_IS_LIN=matmul_is_lin, HAS_LIN=has_lin, HAS_BIAS=lb is not None,
-            WRITE_H=write_h, IS_FP64=x.dtype == torch.float64, BM=BM, BN=BN, BK=BK)
+        with torch.cuda.device_of(x):
+            _gabor_bwd_kernel[(gm, gn)](
+                x, w, b, mu, gamma, a if has_mm else x, m if has_mm else w, lb if lb is not None else b,
+                gh if gh is not None else x, lin if lin is not None else x, dlin if has_lin else x, h if write_h else x,
+                pcol, prow, N, H, a.shape[1] if has_mm else 1, m.stride(0) if has_mm else 0,
+                m.stride(1) if has_mm else 0,
+                IN=n_in, HAS_MATMUL=has_mm, MATMUL_IS_LIN=matmul_is_lin, HAS_LIN=has_lin, HAS_BIAS=lb is not None,
+                WRITE_H=write_h, IS_FP64=x.dtype == torch.float64, BM=BM, BN=BN, BK=BK)
     return dlin, h, prow.sum(0), pcol.sum(0)
 
 

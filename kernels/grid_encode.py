@@ -152,8 +152,9 @@ def grid_encode_fwd(x: torch.Tensor, table: torch.Tensor, resolutions: list[int]
     out = x.new_empty(N, L * F)
     if N and L and F:
         levels, primes = _tables(x, resolutions, offsets)
-        _grid_fwd_kernel[(triton.cdiv(N, _BLOCK_N),)](x, table, levels, primes, out, N, L, D=D, F=F,
-                                                       BLOCK_N=_BLOCK_N, BLOCK_F=triton.next_power_of_2(F))
+        with torch.cuda.device_of(x):
+            _grid_fwd_kernel[(triton.cdiv(N, _BLOCK_N),)](x, table, levels, primes, out, N, L, D=D, F=F,
+                                                           BLOCK_N=_BLOCK_N, BLOCK_F=triton.next_power_of_2(F))
     return out
 
 
@@ -165,6 +166,8 @@ def grid_encode_bwd(grad_out: torch.Tensor, x: torch.Tensor, table: torch.Tensor
     grad_x, grad_table = torch.zeros_like(x), torch.zeros_like(table)
     if N and L and F:
         levels, primes = _tables(x, resolutions, offsets)
-        _grid_bwd_kernel[(triton.cdiv(N, _BLOCK_N),)](grad_out, x, table, levels, primes, grad_x, grad_table, N, L,
-                                                       D=D, F=F, BLOCK_N=_BLOCK_N, BLOCK_F=triton.next_power_of_2(F))
+        with torch.cuda.device_of(x):
+            _grid_bwd_kernel[(triton.cdiv(N, _BLOCK_N),)](grad_out, x, table, levels, primes, grad_x, grad_table,
+                                                           N, L, D=D, F=F, BLOCK_N=_BLOCK_N,
+                                                           BLOCK_F=triton.next_power_of_2(F))
     return grad_x, grad_table

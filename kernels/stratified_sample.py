@@ -77,9 +77,11 @@ def stratified_sample_fwd(px: torch.Tensor, noise: torch.Tensor | None, h: int, 
         width = upper - base
     if R:
         block_r, block_k = _blocks(K)
-        _stratified_fwd_kernel[(triton.cdiv(R, block_r),)](
-            px, base if noise is None else noise, base, width, points, depths, R, K, float(w - 1), float(h - 1),
-            JITTER=noise is not None, BLOCK_R=block_r, BLOCK_K=block_k)
+        # the scales w - 1, h - 1 go as ints: a Python float argument is typed fp32 in a compiled kernel
+        with torch.cuda.device_of(px):
+            _stratified_fwd_kernel[(triton.cdiv(R, block_r),)](
+                px, base if noise is None else noise, base, width, points, depths, R, K, w - 1, h - 1,
+                JITTER=noise is not None, BLOCK_R=block_r, BLOCK_K=block_k)
     return points, depths
 
 
@@ -89,6 +91,7 @@ def stratified_sample_bwd(grad_points: torch.Tensor, h: int, w: int) -> torch.Te
     grad_px = grad_points.new_empty(R, 2)
     if R:
         block_r, block_k = _blocks(K)
-        _stratified_bwd_kernel[(triton.cdiv(R, block_r),)](
-            grad_points, grad_px, R, K, float(w - 1), float(h - 1), BLOCK_R=block_r, BLOCK_K=block_k)
+        with torch.cuda.device_of(grad_points):
+            _stratified_bwd_kernel[(triton.cdiv(R, block_r),)](
+                grad_points, grad_px, R, K, w - 1, h - 1, BLOCK_R=block_r, BLOCK_K=block_k)
     return grad_px

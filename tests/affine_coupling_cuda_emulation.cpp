@@ -5,6 +5,7 @@
 // Built by the test with the host compiler and the CUDA headers; called through ctypes.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -34,10 +35,24 @@ alignas(16) unsigned char smem_raw[1 << 20];  // the kernels' `extern __shared__
 
 namespace {
 
+// W [rows, cols] row-major -> W^T
 template <typename T>
-Weights<T> weights(const void* const* p) {
+std::vector<T> transpose(const T* w, int64_t rows, int64_t cols) {
+  std::vector<T> t(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = w[r * cols + c];
+  return t;
+}
+
+// The weights as the binding passes them: the inputs and the transposes of proj_w, in_w, w1, w2
+// (kept alive in `transposes`).
+template <typename T>
+Weights<T> weights(const void* const* p, const Sizes& s, std::vector<std::vector<T>>& transposes) {
   const T* const* w = reinterpret_cast<const T* const*>(p);
-  return {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9]};
+  transposes = {transpose(w[0], s.PD, 2 + 4 * s.F), transpose(w[2], s.H0, s.PD), transpose(w[3], s.H1, s.H0),
+                transpose(w[5], s.H2, s.H1)};
+  return {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9],
+          transposes[0].data(), transposes[1].data(), transposes[2].data(), transposes[3].data()};
 }
 
 Sizes sizes(const int64_t* s, double slope) {
@@ -45,38 +60,50 @@ Sizes sizes(const int64_t* s, double slope) {
           static_cast<int>(s[5]), static_cast<int>(s[6]), static_cast<int>(s[7]), s[8] != 0, slope};
 }
 
-// Runs `kernel` once per block of the launchers' grid, one thread each.
+constexpr unsigned char kCanary = 0xA5;
+
+// Runs `kernel` once per block of the launchers' grid, one thread each. The shared memory past the
+// `bytes` a launch asks for (shared_bytes) is filled with a canary; returns how many blocks changed it,
+// i.e. used more shared memory than the launch would get on a GPU.
 template <typename T, typename Kernel>
-void run_grid(const Sizes& s, Kernel kernel) {
+int run_grid(const Sizes& s, size_t bytes, Kernel kernel) {
   constexpr int bm = kPointsPerBlock<T>;
   blockDim = {1, 1, 1};
   threadIdx = {0, 0, 0};
+  int overruns = 0;
   for (int64_t frame = 0; frame < s.n; ++frame) {
     for (int64_t b = 0; b < (s.P + bm - 1) / bm; ++b) {
       blockIdx = {static_cast<unsigned>(b), static_cast<unsigned>(frame), 0};
+      std::fill(smem_raw + bytes, smem_raw + sizeof(smem_raw), kCanary);
       kernel();
+      overruns += std::any_of(smem_raw + bytes, smem_raw + sizeof(smem_raw), [](unsigned char c) { return c != kCanary; });
     }
   }
+  return overruns;
 }
 
 template <typename T>
-void fwd(const void* y, const void* code_bias, const void* const* w, const int64_t* s, double slope, void* out) {
+int fwd(const void* y, const void* code_bias, const void* const* w, const int64_t* s, double slope, void* out) {
   const Sizes sz = sizes(s, slope);
-  run_grid<T>(sz, [&] {
-    coupling_fwd_kernel<T>(static_cast<const T*>(y), static_cast<const T*>(code_bias), weights<T>(w), sz,
+  std::vector<std::vector<T>> transposes;
+  const Weights<T> wts = weights<T>(w, sz, transposes);
+  return run_grid<T>(sz, shared_bytes<T>(sz, false), [&] {
+    coupling_fwd_kernel<T>(static_cast<const T*>(y), static_cast<const T*>(code_bias), wts, sz,
                            static_cast<T*>(out));
   });
 }
 
 template <typename T>
-void bwd(const void* grad_out, const void* y, const void* code_bias, const void* const* w, const int64_t* s,
-         double slope, void* const* g) {
+int bwd(const void* grad_out, const void* y, const void* code_bias, const void* const* w, const int64_t* s,
+        double slope, void* const* g) {
   const Sizes sz = sizes(s, slope);
   T* const* gp = reinterpret_cast<T* const*>(g);
   const Grads<T> grads{gp[0], gp[1], gp[2], gp[3], gp[4], gp[5], gp[6], gp[7], gp[8], gp[9], gp[10]};
-  run_grid<T>(sz, [&] {
+  std::vector<std::vector<T>> transposes;
+  const Weights<T> wts = weights<T>(w, sz, transposes);
+  return run_grid<T>(sz, shared_bytes<T>(sz, true), [&] {
     coupling_bwd_kernel<T>(static_cast<const T*>(grad_out), static_cast<const T*>(y),
-                           static_cast<const T*>(code_bias), weights<T>(w), sz, grads);
+                           static_cast<const T*>(code_bias), wts, sz, grads);
   });
 }
 
@@ -85,15 +112,24 @@ void bwd(const void* grad_out, const void* y, const void* code_bias, const void*
 
 // sizes: n, P, F, PD, H0, H1, H2, transformed, inverse; w: proj_w, proj_b, in_w, w1, b1, w2, b2, out_w,
 // out_b, sigma; g: y, code_bias, proj_w, proj_b, in_w, w1, b1, w2, b2, out_w, out_b (zeroed but y).
-extern "C" void emulate_fwd(int is_double, const void* y, const void* code_bias, const void* const* w,
-                            const int64_t* s, double slope, void* out) {
+// emulate_fwd / emulate_bwd return the number of blocks that overran their shared memory (0 expected).
+extern "C" int emulate_fwd(int is_double, const void* y, const void* code_bias, const void* const* w,
+                           const int64_t* s, double slope, void* out) {
   namespace k = fastomni::affine_coupling_cuda;
-  is_double ? k::fwd<double>(y, code_bias, w, s, slope, out) : k::fwd<float>(y, code_bias, w, s, slope, out);
+  return is_double ? k::fwd<double>(y, code_bias, w, s, slope, out) : k::fwd<float>(y, code_bias, w, s, slope, out);
 }
 
-extern "C" void emulate_bwd(int is_double, const void* grad_out, const void* y, const void* code_bias,
-                            const void* const* w, const int64_t* s, double slope, void* const* g) {
+extern "C" int emulate_bwd(int is_double, const void* grad_out, const void* y, const void* code_bias,
+                           const void* const* w, const int64_t* s, double slope, void* const* g) {
   namespace k = fastomni::affine_coupling_cuda;
-  is_double ? k::bwd<double>(grad_out, y, code_bias, w, s, slope, g)
+  return is_double ? k::bwd<double>(grad_out, y, code_bias, w, s, slope, g)
             : k::bwd<float>(grad_out, y, code_bias, w, s, slope, g);
+}
+
+// shared_bytes of the forward (backward = 0) or backward kernel; s as above (n and P unused).
+extern "C" int64_t emulate_shared_bytes(int is_double, const int64_t* s, int backward) {
+  namespace k = fastomni::affine_coupling_cuda;
+  const k::Sizes sz = k::sizes(s, 0.01);
+  return static_cast<int64_t>(is_double ? k::shared_bytes<double>(sz, backward != 0)
+                                        : k::shared_bytes<float>(sz, backward != 0));
 }

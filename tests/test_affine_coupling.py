@@ -18,11 +18,12 @@ import torch
 from conftest import NATIVE_BACKENDS, TOLERANCES, backend_device
 from fastomni.nn import NVPSimplified
 from fastomni.ops import BackendUnavailable, use_backend
-from fastomni.ops.affine_coupling import affine_coupling, affine_coupling_op
+from fastomni.ops.affine_coupling import affine_coupling, affine_coupling_bwd_op, affine_coupling_op
 from fastomni.reference import affine_coupling as ref
 
 OP = "affine_coupling"
 PD, H0, HIDDEN, N_FREQ = 16, 32, (64, 16), 4
+FULL_WIDTHS = (256, 256, 256, 256)  # the original's PD, H0 and hidden widths
 # (frames n, points per frame P): no points, one point, primes, rows spanning several blocks of 256
 SHAPES = [(1, 0), (3, 0), (1, 1), (3, 7), (2, 13), (3, 131)]
 
@@ -74,6 +75,27 @@ def test_matches_reference(backend, dtype, shape, inverse):
         got = affine_coupling(*args, transformed, inverse)
     torch.testing.assert_close(got, want, **TOLERANCES[dtype])
     grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(want)
+    _assert_grads_close(torch.autograd.grad(got, _leaves(args), grad), torch.autograd.grad(want, _leaves(args), grad),
+                        dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+@pytest.mark.parametrize("dtype,inverse", [(torch.float32, False), (torch.float64, True)], ids=str)
+def test_full_width_matches_reference(backend, dtype, inverse):
+    """The original's widths (PD = H = 256), few points: forward and every gradient against the
+    reference's autograd (``reference``: the custom op with its explicit backward)."""
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    args = _layer(2, 5, dtype, device, seed=11, widths=FULL_WIDTHS)
+    for t in _leaves(args):
+        t.requires_grad_()
+    want = ref.affine_coupling(*args, 1, inverse)
+    if backend == "reference":
+        got = affine_coupling_op(*args, 1, inverse, 0.01, "reference")
+    else:
+        with use_backend(backend):
+            got = affine_coupling(*args, 1, inverse)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64).to(want)
     _assert_grads_close(torch.autograd.grad(got, _leaves(args), grad), torch.autograd.grad(want, _leaves(args), grad),
                         dtype)
 
@@ -194,6 +216,44 @@ def test_dispatch_errors():
         affine_coupling(*args, 3, False)
 
 
+def test_cuda_op_on_cpu_tensors_names_the_device(monkeypatch):
+    """With the CUDA extension built (simulated here: CUDA "available", extension "loaded"), the cuda custom
+    op given CPU tensors raises BackendUnavailable naming the device, and never reaches the dispatcher
+    (which would raise NotImplementedError: the extension registers CUDA kernels only)."""
+    from fastomni.ops import _checks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_checks, "_load", lambda module: None)
+    args = _layer(2, 3, torch.float32, "cpu")
+    with pytest.raises(BackendUnavailable, match="takes cuda tensors, got one on cpu"):
+        affine_coupling_op(*args, 0, False, 0.01, "cuda")
+    with pytest.raises(BackendUnavailable, match="takes cuda tensors, got one on cpu"):
+        affine_coupling_bwd_op(args[0], *args, 0, False, 0.01, "cuda")
+
+
+class _FakeProperties:
+    def __init__(self, optin: int):
+        self.shared_memory_per_block_optin = optin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_check_compares_shared_memory_with_device(monkeypatch, dtype):
+    """The cuda backend's check compares the backward's shared memory at the layer's widths with the
+    device's opt-in limit (faked: an A100's 166,912 B, and 101,376 B of an sm_86 GPU); too little and
+    it says why, so automatic dispatch falls back to triton."""
+    from fastomni.ops import affine_coupling as op_module
+
+    limit = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _FakeProperties(limit["optin"]))
+    args = _layer(1, 1, dtype, "cpu", widths=FULL_WIDTHS)
+    tensors = [*args[:5], *args[5], *args[6], *args[7:]]
+    limit["optin"] = 166_912
+    assert op_module._cuda_shared_memory(tensors) is None
+    limit["optin"] = 101_376
+    why = op_module._cuda_shared_memory(tensors)
+    assert why is not None and "134272 B of shared memory" in why and "101376 B" in why
+
+
 def test_cpu_kernel_checks_sizes():
     """A direct call of the C++ kernel with a mis-sized weight fails with the sizes, not a crash."""
     backend_device(OP, "cpu")
@@ -258,53 +318,122 @@ def cuda_emulation(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 37)], ids=str)
+@pytest.mark.parametrize("shape,widths", [((1, 1), (PD, H0, *HIDDEN)), ((3, 37), (PD, H0, *HIDDEN)),
+                                          ((2, 37), FULL_WIDTHS)], ids=str)
 @pytest.mark.parametrize("inverse", [False, True])
-def test_cuda_kernels_emulated_match_reference(cuda_emulation, dtype, shape, inverse):
-    """The CUDA kernels' indexing and math (not their synchronisation, which needs a GPU)."""
+def test_cuda_kernels_emulated_match_reference(cuda_emulation, dtype, shape, widths, inverse):
+    """The CUDA kernels' indexing and math (not their synchronisation, which needs a GPU), also at
+    the original's widths; no block touches shared memory past what its launch asks for."""
     n, P = shape
-    args = _layer(n, P, dtype, "cpu", seed=8)
+    args = _layer(n, P, dtype, "cpu", seed=8, widths=widths)
     y, code_bias, proj_w, proj_b, in_w, hidden_w, hidden_b, out_w, out_b, sigma = args
     transformed = P % 3
     weights = [proj_w, proj_b, in_w, hidden_w[0], hidden_b[0], hidden_w[1], hidden_b[1], out_w, out_b, sigma]
-    sizes = (ctypes.c_int64 * 9)(n, P, N_FREQ, PD, H0, *HIDDEN, transformed, int(inverse))
+    sizes = (ctypes.c_int64 * 9)(n, P, N_FREQ, *widths, transformed, int(inverse))
 
     def ptrs(ts):
         return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
     is_double, slope = int(dtype == torch.float64), ctypes.c_double(0.01)
     out = torch.empty_like(y)
-    cuda_emulation.emulate_fwd(is_double, ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(code_bias.data_ptr()),
-                               ptrs(weights), sizes, slope, ctypes.c_void_p(out.data_ptr()))
+    assert cuda_emulation.emulate_fwd(is_double, ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(code_bias.data_ptr()),
+                                      ptrs(weights), sizes, slope, ctypes.c_void_p(out.data_ptr())) == 0
     torch.testing.assert_close(out, ref.affine_coupling(*args, transformed, inverse), **TOLERANCES[dtype])
 
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
     # the kernel's gradient order: y, code_bias, proj_w, proj_b, in_w, w1, b1, w2, b2, out_w, out_b
     got = [torch.empty_like(y)] + [torch.zeros_like(t) for t in [code_bias, proj_w, proj_b, in_w, hidden_w[0],
                                                                   hidden_b[0], hidden_w[1], hidden_b[1], out_w, out_b]]
-    cuda_emulation.emulate_bwd(is_double, ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-                               ctypes.c_void_p(code_bias.data_ptr()), ptrs(weights), sizes, slope, ptrs(got))
+    assert cuda_emulation.emulate_bwd(is_double, ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+                                      ctypes.c_void_p(code_bias.data_ptr()), ptrs(weights), sizes, slope,
+                                      ptrs(got)) == 0
     g = ref.affine_coupling_bwd_ref(grad, *args, transformed, inverse)
     _assert_grads_close(got, [*g[:5], g[5][0], g[6][0], g[5][1], g[6][1], g[7], g[8]], dtype)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+# Per-block shared memory a kernel may opt in to: A100 (sm_80) and H100/H200 (sm_90).
+SHARED_LIMIT = {80: 166_912, 90: 232_448}
+# Bytes of per-thread stack allowed in the Triton kernels at widths 256: the compiles' values (Triton 3.8)
+# plus a margin of 16 B (float32) or 32 B (float64), so that a regression fails. 32 B of it is the
+# frame of sin/cos's range reduction (48 B in float64), the rest register spills (ptxas -v: none on
+# sm_90 but in the float64 bwd kernel, 288 B; on sm_80, 20-24 B in the float32 fwd and bwd_recompute,
+# 368 B in the float64 bwd).
+# (The earlier one-kernel backward, with weight-gradient accumulators and atomics: 255 registers and
+# 568 / 1,040 B (float32 / float64) of stack on sm_90, 840 / 2,112 B on sm_80.)
+STACK_BOUND = {  # (kernel, dtype, arch): bytes
+    ("fwd", torch.float32, 80): 56 + 16, ("fwd", torch.float32, 90): 32 + 16,
+    ("fwd", torch.float64, 80): 48 + 32, ("fwd", torch.float64, 90): 48 + 32,
+    ("bwd_recompute", torch.float32, 80): 56 + 16, ("bwd_recompute", torch.float32, 90): 32 + 16,
+    ("bwd_recompute", torch.float64, 80): 48 + 32, ("bwd_recompute", torch.float64, 90): 48 + 32,
+    ("bwd", torch.float32, 80): 32 + 16, ("bwd", torch.float32, 90): 32 + 16,
+    ("bwd", torch.float64, 80): 384 + 32, ("bwd", torch.float64, 90): 296 + 32,
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triton_compiles_for_sm90(kernel, dtype):
-    """A real compile to PTX and cubin for sm_90 at OmniMotion's widths (no GPU needed), within the
-    227 KiB of shared memory an H100 block can have (more compiles, then fails at launch)."""
+def test_cuda_shared_memory_formula_matches_kernels(cuda_emulation, dtype):
+    """The backend check's shared-memory formula is the kernels' (shared_bytes in the .cuh, compiled)."""
+    from fastomni.ops.affine_coupling import cuda_shared_bytes
+
+    cuda_emulation.emulate_shared_bytes.restype = ctypes.c_int64
+    for F, widths in [(4, FULL_WIDTHS), (4, (PD, H0, *HIDDEN)), (10, (16, 16, 16, 16)), (2, (128, 256, 64, 32))]:
+        sizes = (ctypes.c_int64 * 9)(1, 1, F, *widths, 0, 0)
+        for backward in (False, True):
+            assert cuda_shared_bytes(dtype, F, widths, backward) == cuda_emulation.emulate_shared_bytes(
+                int(dtype == torch.float64), sizes, int(backward))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_cuda_shared_memory_fits_at_full_width(dtype, arch):
+    """At the original's widths (256, F = 4) both CUDA kernels fit the per-block opt-in limit of an
+    A100 and of an H100 (the backward asked for 200,064 B before, over sm_80's 166,912). The other
+    CUDA kernels use static shared memory only, which ptxas checks at compile time (fastomni_cuda_check)."""
+    from fastomni.ops.affine_coupling import cuda_shared_bytes
+
+    for backward in (False, True):
+        assert cuda_shared_bytes(dtype, N_FREQ, FULL_WIDTHS, backward) <= SHARED_LIMIT[arch]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_recompute", "bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_compiles_within_limits(kernel, dtype, arch):
+    """A real compile to PTX and cubin for sm_80 and sm_90 at OmniMotion's widths (no GPU needed): shared
+    memory within the block's opt-in limit (more compiles, then fails at launch), stack (register spills)
+    within STACK_BOUND, no atomics (the backward's weight gradients are torch ``mm``s over its per-point
+    buffers: deterministic), and a float64 kernel's LeakyReLU slope an exact float64 literal."""
+    import re
+    import subprocess
+
     triton = pytest.importorskip("triton", reason="triton is not installed")
     from fastomni.kernels import affine_coupling as kernels
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
 
     fn = getattr(kernels, f"_coupling_{kernel}_kernel")
     w = torch.empty(256, 256)
     cfg = kernels.config(kernel, dtype, w[:, :18], w, [w, w], torch.empty(4), transformed=1, inverse=False)
     ty = {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    signature = {name: "constexpr" if name in cfg else "i32" if name == "P" else ty if name == "slope" else f"*{ty}"
-                 for name in fn.arg_names}
+    signature = {name: "constexpr" if name in cfg else "i32" if name == "P" else f"*{ty}" for name in fn.arg_names}
     compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=cfg),
-                              target=GPUTarget("cuda", 90, 32), options=kernels.LAUNCH)
-    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
-    assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared
+                              target=GPUTarget("cuda", arch, 32), options=kernels.launch_options(kernel, dtype))
+    ptx = compiled.asm["ptx"]
+    assert f".target sm_{arch}" in ptx and compiled.asm["cubin"]
+    assert compiled.metadata.shared <= SHARED_LIMIT[arch], compiled.metadata.shared
+    if dtype == torch.float64:  # 0.01 as a double, not 0.01f widened (0d3F847AE140000000)
+        assert "0d3F847AE147AE147B" in ptx and "0d3F847AE140000000" not in ptx
+    atomics = re.findall(r"\b(?:atom|red)\.[\w.]+", ptx)
+    assert not atomics, set(atomics)
+
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"fastomni_coupling_{kernel}_{ty}_{arch}_{os.getpid()}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)], check=True,
+                               capture_output=True, text=True).stdout
+    finally:
+        cubin.unlink()
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    bound = STACK_BOUND[kernel, dtype, arch]
+    assert stack <= bound, f"{stack} B of stack (spills) per thread, bound {bound}"

@@ -198,11 +198,13 @@ def test_model_blend_matches_original_formulas(tiny_model):
     torch.testing.assert_close(blend.point, ref.composite_values(weights * in_depth, x2), **tol)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
 @pytest.mark.parametrize("kernel", ["_composite_fwd_kernel", "_composite_bwd_kernel"])
 @pytest.mark.parametrize("dtype,select_max", [("fp32", False), ("fp64", True)])
-def test_triton_compiles_for_sm90(kernel, dtype, select_max):
-    """A real compile to PTX and cubin for sm_90 (no GPU needed)."""
+def test_triton_compiles_for_sm80_and_sm90(arch, kernel, dtype, select_max):
+    """A real compile to PTX and cubin for sm_80 and sm_90 (no GPU needed), within the shared memory a
+    block may opt in to (A100: 166,912 B, H100: 232,448 B)."""
     triton = pytest.importorskip("triton", reason="triton is not installed")
     from fastomni.kernels import composite as kernels
     from triton.backends.compiler import GPUTarget
@@ -212,5 +214,6 @@ def test_triton_compiles_for_sm90(kernel, dtype, select_max):
     signature = {name: "constexpr" if name in constexprs else "i32" if name in ("R", "K")
                  else "*i1" if name == "mask" else f"*{dtype}" for name in fn.arg_names}
     compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
-    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
+                              target=GPUTarget("cuda", arch, 32))
+    assert f".target sm_{arch}" in compiled.asm["ptx"] and compiled.asm["cubin"]
+    assert compiled.metadata.shared <= {80: 166_912, 90: 232_448}[arch], compiled.metadata.shared

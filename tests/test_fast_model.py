@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastomni.nn.fast import FAST_DEFAULTS, FastOmniMotion
+from fastomni.nn.fast import FAST_DEFAULTS, FAST_LEGACY, FastOmniMotion
 from fastomni.train import make_optimizer, synthetic_batch, training_step
 from conftest import tol
 
 SMALL = dict(deform_levels=4, deform_max=16, deform_log2_size=10, color_levels=4, color_max=32, color_log2_size=10)
+# with and without the per-frame affine warp of (x, y)
+SHAPES = pytest.mark.parametrize("shape", [SMALL, dict(SMALL, affine_levels=3)], ids=["couplings", "affine"])
 
 
 def _trained_like(model: FastOmniMotion, seed: int = 0) -> FastOmniMotion:
@@ -21,9 +23,10 @@ def _trained_like(model: FastOmniMotion, seed: int = 0) -> FastOmniMotion:
     return model
 
 
+@SHAPES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inverse_of_forward_is_identity(dtype):
-    m = _trained_like(FastOmniMotion(5, 12, 16, num_samples_ray=7, **SMALL)).to(dtype)
+def test_inverse_of_forward_is_identity(dtype, shape):
+    m = _trained_like(FastOmniMotion(5, 12, 16, num_samples_ray=7, **shape)).to(dtype)
     x = torch.rand(3, 11, 7, 3, dtype=dtype) * 2 - 1
     u = m.map_to_canonical(x, [0, 2, 4])
     assert (u - x).abs().max() > 1e-2  # the map is not the identity
@@ -31,8 +34,9 @@ def test_inverse_of_forward_is_identity(dtype):
     torch.testing.assert_close(back, x, **tol(dtype))
 
 
-def test_starts_as_identity():
-    m = FastOmniMotion(4, 10, 10, num_samples_ray=5, **SMALL)
+@SHAPES
+def test_starts_as_identity(shape):
+    m = FastOmniMotion(4, 10, 10, num_samples_ray=5, **shape)
     x = torch.rand(2, 3, 5, 3)
     torch.testing.assert_close(m.map_to_canonical(x, [0, 3]), x, rtol=0, atol=0)
     px = torch.tensor([[[2.0, 3.0], [7.5, 1.0]]])
@@ -56,8 +60,9 @@ def test_unknown_option_is_refused():
     assert set(SMALL) <= set(FAST_DEFAULTS)
 
 
-def test_gradients_reach_every_parameter_float64():
-    m = _trained_like(FastOmniMotion(4, 8, 8, num_samples_ray=4, **SMALL)).double()
+@SHAPES
+def test_gradients_reach_every_parameter_float64(shape):
+    m = _trained_like(FastOmniMotion(4, 8, 8, num_samples_ray=4, **shape)).double()
     x = torch.rand(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     x2, u = m.map_between(x, [0, 1], [2, 3])
     _, density = m.color_density(u)
@@ -67,8 +72,9 @@ def test_gradients_reach_every_parameter_float64():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_map_gradcheck_float64():
-    m = _trained_like(FastOmniMotion(3, 8, 8, num_samples_ray=2, **SMALL)).double()
+@SHAPES
+def test_map_gradcheck_float64(shape):
+    m = _trained_like(FastOmniMotion(3, 8, 8, num_samples_ray=2, **shape)).double()
     x = (torch.rand(1, 2, 2, 3, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
     assert torch.autograd.gradcheck(lambda a: m.map_between(a, [0], [2])[0], (x,))
 
@@ -107,6 +113,34 @@ def test_fast_run_checkpoints_its_family_and_reloads(tmp_path):
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="family"):
         optimize(seq, str(tmp_path / "run"), preset("cpu").replace(num_iters=4, num_samples_ray=4), progress=False)
+
+
+def test_checkpoint_from_before_an_option_existed_reloads_and_resumes(tmp_path):
+    """A fast checkpoint written before ``affine_levels`` existed (its options lack the key, its
+    state has no affine grid) loads as the model it was, and a run resumes from it."""
+    from test_sampler import make_sequence
+
+    from fastomni.checkpoint import read_checkpoint
+    from fastomni.config import preset
+    from fastomni.optimize import load_run, optimize
+
+    assert FAST_LEGACY == {"affine_levels": 0} and FAST_DEFAULTS["affine_levels"] > 0
+    seq = make_sequence(tmp_path / "seq")
+    cfg = preset("fast").replace(num_pairs=2, num_pts=8, num_samples_ray=4, num_iters=2, i_weight=2, chunk_size=64)
+    run = tmp_path / "run"
+    optimize(seq, str(run), cfg.replace(num_iters=1), progress=False)  # a run folder to overwrite
+    ckpt = read_checkpoint(str(run / "model_000001.pth"))
+    options = {k: v for k, v in ckpt["model_options"].items() if k != "affine_levels"}
+    legacy = FastOmniMotion(ckpt["num_imgs"], *ckpt["image_size"], num_samples_ray=4, **options, **FAST_LEGACY)
+    assert legacy.deform_mlp.affine is None
+    ckpt["model_options"] = options
+    ckpt["deform_mlp"], ckpt["color_mlp"] = legacy.deform_mlp.state_dict(), legacy.color_mlp.state_dict()
+    del ckpt["optimizer"]
+    torch.save(ckpt, run / "model_000001.pth")
+    model, _, _ = load_run(str(run), device="cpu")
+    assert model.deform_mlp.affine is None
+    result = optimize(seq, str(run), cfg.replace(load_opt=False), progress=False)
+    assert result.step == 2 and result.model.deform_mlp.affine is None
 
 
 def test_original_checkpoints_keep_the_original_layout(tmp_path):

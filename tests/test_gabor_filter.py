@@ -86,6 +86,32 @@ def test_net_matches_reference(backend, dtype, shape, recompute):
     _assert_grads_close(got_g, want_g, dtype, [f"leaf {i}" for i in range(len(leaves))])
 
 
+# the original's two GaborNets (N, in, H, O, L, lin bias): colour (512 wide) and feature (256 wide)
+FULL_WIDTH_NETS = [(5, 3, 512, 4, 3, True), (5, 1, 256, 128, 2, True)]
+
+
+@pytest.mark.parametrize("backend", ["reference", *NATIVE_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", FULL_WIDTH_NETS, ids=str)
+def test_full_width_net_matches_reference(backend, dtype, shape):
+    """The original's widths, few points: forward and every gradient against the reference's
+    autograd (``reference``: the custom op with its explicit backward)."""
+    device = "cpu" if backend == "reference" else backend_device(OP, backend)
+    params = _net_params(*shape, dtype, device, seed=3)
+    leaves = [t.requires_grad_() for t in _leaves(params)]
+    want = ref.gabor_net(*params)
+    if backend == "reference":
+        got, _ = gabor_net_op(*params[:7], *params[7:], False, "reference")
+    else:
+        with use_backend(backend):
+            got = gabor_net(*params, recompute=True)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(want)
+    want_g = torch.autograd.grad(want, leaves, grad, allow_unused=True)
+    got_g = torch.autograd.grad(got, leaves, grad, allow_unused=True)
+    _assert_grads_close(got_g, want_g, dtype, [f"leaf {i}" for i in range(len(leaves))])
+
+
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_realistic_scale_forward(backend, dtype):
@@ -312,10 +338,17 @@ def test_huge_and_non_finite_sin_arguments():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
-def test_triton_compiles_for_sm90():
-    """A real compile to PTX and cubin for sm_90 of every Triton kernel (no GPU needed)."""
+@pytest.mark.parametrize("arch,shared_limit", [(80, 166_912), (90, 232_448)])
+def test_triton_compiles_for_sm80_and_sm90(arch, shared_limit):
+    """A real compile to PTX and cubin for sm_80 and sm_90 of every Triton kernel (no GPU needed), within
+    the per-block shared memory of an A100 / H100 (the tiles do not depend on the width, 512 included),
+    the float32 linears on tensor cores (tf32x3: ``mma``/``wgmma``, no FMA-only dot)."""
     triton = pytest.importorskip("triton", reason="triton is not installed")
     from fastomni.kernels import gabor_filter as kernels
 
-    for name, compiled in kernels.compile_all(triton.backends.compiler.GPUTarget("cuda", 90, 32)).items():
-        assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"], name
+    for name, compiled in kernels.compile_all(triton.backends.compiler.GPUTarget("cuda", arch, 32)).items():
+        ptx = compiled.asm["ptx"]
+        assert f".target sm_{arch}" in ptx and compiled.asm["cubin"], name
+        assert compiled.metadata.shared <= shared_limit, (name, compiled.metadata.shared)
+        has_dot = "bare" not in name
+        assert (("mma.sync" in ptx or "wgmma" in ptx) and ".tf32" in ptx) == has_dot, name

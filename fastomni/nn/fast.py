@@ -32,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from fastomni.nn.model import RayModel, _check_ids, _check_points
+from fastomni.nn.nvp import _affine_matrix
 from fastomni.ops.grid_encode import grid_encode
 from fastomni.reference.affine_coupling import S_CLAMP
 from fastomni.reference.grid_encode import grid_levels
 
-__all__ = ["FastOmniMotion", "GridCouplingNVP", "GridField", "FAST_DEFAULTS"]
+__all__ = ["FastOmniMotion", "GridCouplingNVP", "GridField", "FAST_DEFAULTS", "FAST_LEGACY"]
 
 # The fast family's shape; every entry is a constructor argument of FastOmniMotion and is stored
 # in its checkpoints, so a run reloads the same model. deform_max 0: the image's longer side (the
@@ -44,8 +45,10 @@ __all__ = ["FastOmniMotion", "GridCouplingNVP", "GridField", "FAST_DEFAULTS"]
 FAST_DEFAULTS = {
     "n_layers": 6, "deform_levels": 8, "deform_base": 4, "deform_max": 0, "deform_log2_size": 17,
     "color_levels": 10, "color_base": 8, "color_max": 256, "color_log2_size": 17,
-    "features": 2, "hidden": 32,
+    "features": 2, "hidden": 32, "affine_levels": 4,
 }
+# Options added after the first fast checkpoints, with the value those checkpoints were built with.
+FAST_LEGACY = {"affine_levels": 0}
 
 
 class GridField(nn.Module):
@@ -83,12 +86,20 @@ class GridCouplingNVP(nn.Module):
     ``transformed[i]`` (cycling x, y, z). ``forward`` maps local -> canonical, ``inverse`` back."""
 
     def __init__(self, num_imgs: int, n_layers: int, levels: int, base: int, top: int, log2_size: int,
-                 features: int, hidden: int, min_depth: float, max_depth: float):
+                 features: int, hidden: int, min_depth: float, max_depth: float, affine_levels: int = 0):
         super().__init__()
         self.transformed = [i % 3 for i in range(n_layers)]
         t_top = max(1, num_imgs - 1)
         box_lo = torch.tensor([-1.5, -1.5, min_depth - 0.5 * (max_depth - min_depth)])
         box_hi = torch.tensor([1.5, 1.5, max_depth + 0.5 * (max_depth - min_depth)])
+        # The original's optional affine warp of (x, y) from (t, depth) (NVPSimplified's affine_mlp),
+        # read from a small dense grid over (depth, t): camera roll, zoom and pan, learned from every
+        # point of a frame at once. Zero head: the identity at the start.
+        self.affine = None
+        if affine_levels:
+            self.affine = GridField(2, 5, affine_levels, (2, min(2, t_top)), (8, t_top), 12, features, hidden,
+                                    torch.tensor([float(box_lo[2]), 0.0]), torch.tensor([float(box_hi[2]), 1.0]),
+                                    zero_out=True)
         self.layers = nn.ModuleList()
         for c in self.transformed:
             kept = [d for d in range(3) if d != c]
@@ -107,9 +118,18 @@ class GridCouplingNVP(nn.Module):
     def _update(self, x: Tensor, c: int, value: Tensor) -> Tensor:
         return torch.cat([x[..., :c], value, x[..., c + 1:]], dim=-1)
 
+    def _warp(self, t: Tensor, x: Tensor, inverse: bool) -> Tensor:
+        """The affine warp of ``x``'s (x, y) (or its inverse), from (depth, t)."""
+        theta = self.affine(torch.cat([x[..., 2:3], t.expand(*x.shape[:-1], 1)], dim=-1))
+        mat = _affine_matrix(theta, inverse)
+        xy = mat[..., :2, :2] @ x[..., :2, None] + mat[..., :2, 2:]
+        return torch.cat([xy[..., 0], x[..., 2:]], dim=-1)
+
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         """Local points ``x [n, ..., 3]`` of frames with times ``t [n, 1]`` -> canonical."""
         t = t.reshape(t.shape[0], *([1] * (x.dim() - 2)), 1).to(x.dtype)
+        if self.affine is not None:
+            x = self._warp(t, x, inverse=False)
         for i, c in enumerate(self.transformed):
             s, b = self._st(i, x, t)
             x = self._update(x, c, (x[..., c:c + 1] - b) * torch.exp(-s))
@@ -122,7 +142,7 @@ class GridCouplingNVP(nn.Module):
             c = self.transformed[i]
             s, b = self._st(i, u, t)
             u = self._update(u, c, u[..., c:c + 1] * torch.exp(s) + b)
-        return u
+        return self._warp(t, u, inverse=True) if self.affine is not None else u
 
 
 class FastOmniMotion(RayModel):
@@ -143,7 +163,7 @@ class FastOmniMotion(RayModel):
         s = self.options
         self.deform_mlp = GridCouplingNVP(num_imgs, s["n_layers"], s["deform_levels"], s["deform_base"],
                                           s["deform_max"], s["deform_log2_size"], s["features"], s["hidden"],
-                                          min_depth, max_depth)
+                                          min_depth, max_depth, s["affine_levels"])
         self.color_mlp = GridField(3, 4, s["color_levels"], s["color_base"], s["color_max"], s["color_log2_size"],
                                    s["features"], s["hidden"], torch.full((3,), -2.0), torch.full((3,), 2.0))
         with torch.no_grad():

@@ -86,6 +86,9 @@ class RayModel(nn.Module):
             raise ValueError(f"max_depth ({max_depth}) must exceed min_depth ({min_depth})")
         self.num_imgs, self.h, self.w = num_imgs, h, w
         self.num_samples_ray, self.min_depth, self.max_depth = num_samples_ray, float(min_depth), float(max_depth)
+        # [num_imgs] shot index per frame (numpy int) for a video with shot cuts, None for one shot:
+        # set from the sequence's shots.json by training, kept in checkpoints; queries honour it.
+        self.shots = None
 
     def map_to_canonical(self, x: Tensor, ids) -> Tensor:
         """Local points ``x [n, ..., 3]`` of frames ``ids [n]`` -> canonical ``[n, ..., 3]``."""
@@ -108,14 +111,15 @@ class RayModel(nn.Module):
         return self.map_from_canonical(u, ids2), u
 
     # -- rays -----------------------------------------------------------------------------------
-    def sample_rays(self, px: Tensor, det: bool = True, generator: torch.Generator | None = None
-                    ) -> tuple[Tensor, Tensor]:
+    def sample_rays(self, px: Tensor, det: bool = True, generator: torch.Generator | None = None,
+                    noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Samples on the rays of pixels ``px [n, P, 2]``: ``(points [n, P, K, 3], depths [n, P, K, 1])``.
 
-        ``det=False`` jitters the depths inside their intervals with ``generator``'s uniform noise.
+        ``det=False`` jitters the depths inside their intervals with ``generator``'s uniform noise;
+        an explicit ``noise [n, P, K]`` in [0, 1) jitters them by that.
         """
         return stratified_sample(px, self.h, self.w, self.num_samples_ray, self.min_depth, self.max_depth,
-                                 det=det, generator=generator)
+                                 det=det, generator=generator, noise=noise)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Orthographic projection ``[..., 3]`` -> ``(pixels [..., 2], depth [..., 1])``."""

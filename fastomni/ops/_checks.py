@@ -65,11 +65,12 @@ def cuda_native(module: str, *tensors: torch.Tensor) -> str | None:
     return _load(module) or _devices(tensors, "cuda") or _dtypes(tensors)
 
 
-def require(op: str, checks: dict, backend: str) -> None:
-    """Raise :class:`~fastomni.ops.BackendUnavailable` unless ``checks[backend]`` passes with no input: a custom
-    op called directly (bypassing dispatch) names the reason instead of failing inside a kernel."""
+def require(op: str, checks: dict, backend: str, *tensors: torch.Tensor) -> None:
+    """Raise :class:`~fastomni.ops.BackendUnavailable` unless ``checks[backend]`` passes on ``tensors`` (none:
+    the backend alone): a custom op called directly (bypassing dispatch) names the reason instead of
+    failing inside a kernel or the dispatcher (e.g. CPU tensors given to the ``cuda`` backend)."""
     check = checks.get(backend)
-    why = f"not one of {tuple(checks)}" if check is None else check()
+    why = f"not one of {tuple(checks)}" if check is None else check(*tensors)
     if why is not None:
         raise _registry.BackendUnavailable(f"{op}: backend {backend!r} cannot run: {why}")
 

@@ -9,6 +9,11 @@ once per frame by the caller.
 
 The native backends save only their inputs and recompute the MLP's activations in the backward,
 so a layer's autograd memory is that of ``y``, not of its ``n * P * (Pd + H0 + .. + HL)`` activations.
+The ``triton`` backward holds, while it runs, each point's activations and pre-activation gradients
+(8,272 B per point in float32 at widths 256, F = 4; twice that in float64) and forms the weight
+gradients from them as one ``mm`` per weight: no atomics, the same bits on every run of a shape
+(:mod:`fastomni.kernels.affine_coupling`). The ``cuda`` backward adds per-block partial sums with
+float atomics (rounding varies from run to run).
 
 Example::
 
@@ -31,7 +36,7 @@ from fastomni._nvtx import annotate
 from fastomni.ops import _checks, _registry
 from fastomni.reference import affine_coupling as ref
 
-__all__ = ["affine_coupling", "affine_coupling_op", "affine_coupling_bwd_op"]
+__all__ = ["affine_coupling", "affine_coupling_op", "affine_coupling_bwd_op", "cuda_shared_bytes"]
 
 OP = "affine_coupling"
 _CPU_MODULE, _CUDA_MODULE = "_C_affine_coupling", "_cuda_affine_coupling"
@@ -53,20 +58,59 @@ def _gpu_layer(tensors) -> str | None:
     return None
 
 
+def cuda_shared_bytes(dtype: torch.dtype, n_freq: int, widths, backward: bool) -> int:
+    """Dynamic shared memory one block of the CUDA forward / backward kernel asks for: the formula of
+    ``shared_bytes`` in csrc/affine_coupling_cuda.cuh (a test checks that the two agree). ``widths``:
+    PD, H0, H1, H2. At widths 256, F = 4: 68,224 B forward, 134,272 B backward."""
+    size = dtype.itemsize
+    bm = 128 // size  # kPointsPerBlock
+    enc = 2 + 4 * n_freq
+    ld = max(*widths, enc) + 1
+    elems = bm * enc + 4 * bm * ld + 3 * bm if backward else bm * enc + 2 * bm * ld + 2 * bm
+    return elems * size
+
+
+@torch.compiler.assume_constant_result
+def _shared_memory_limit(device_index: int | None) -> int:
+    # constant for torch.compile (as _checks._load): evaluated once while tracing
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def _cuda_shared_memory(tensors) -> str | None:
+    """Why the CUDA kernels cannot launch on the tensors' device: their backward needs more shared
+    memory per block than the device lets a block opt in to (then the registry falls back)."""
+    if not tensors:
+        return None
+    y, sigma = tensors[0], tensors[-1]
+    widths = [tensors[i].shape[0] for i in (2, 4, 5, 6)]
+    need = max(cuda_shared_bytes(y.dtype, sigma.shape[0], widths, backward) for backward in (False, True))
+    limit = _shared_memory_limit(y.device.index)
+    if need > limit:
+        return (f"its backward needs {need} B of shared memory per block at widths {widths}, "
+                f"{y.device} allows {limit} B")
+    return None
+
+
 _CHECKS = {
     "reference": lambda *t: None,
     "cpu": lambda *t: _checks.cpu_native(_CPU_MODULE, *t),
     "triton": lambda *t: _checks.triton(*t) or _gpu_layer(t),
-    "cuda": lambda *t: _checks.cuda_native(_CUDA_MODULE, *t) or _gpu_layer(t),
+    "cuda": lambda *t: _checks.cuda_native(_CUDA_MODULE, *t) or _gpu_layer(t) or _cuda_shared_memory(t),
 }
 for _name, _check in _CHECKS.items():
     _registry.register(OP, _name, _check)
 
 
+def _tensors(args) -> list[Tensor]:
+    """The tensors of ``(y, code_bias, .., sigma, ...)`` flat, in the order the checks take them."""
+    y, code_bias, proj_w, proj_b, in_w, hidden_w, hidden_b, out_w, out_b, sigma = args[:10]
+    return [y, code_bias, proj_w, proj_b, in_w, *hidden_w, *hidden_b, out_w, out_b, sigma]
+
+
 def _fwd(backend, *args):
     if backend == "reference":
         return ref.affine_coupling(*args).contiguous()
-    _checks.require(OP, _CHECKS, backend)
+    _checks.require(OP, _CHECKS, backend, *_tensors(args))
     if backend == "cpu":
         return torch.ops.fastomni_cpu.affine_coupling_fwd(*args)
     if backend == "cuda":
@@ -80,7 +124,7 @@ def _bwd(backend, grad_out, *args):
     if backend == "reference":
         g = ref.affine_coupling_bwd_ref(grad_out, *args)
         return [*g[:5], *g[5], *g[6], *g[7:]]
-    _checks.require(OP, _CHECKS, backend)
+    _checks.require(OP, _CHECKS, backend, *_tensors(args))
     if backend == "cpu":
         return torch.ops.fastomni_cpu.affine_coupling_bwd(grad_out, *args)
     if backend == "cuda":
