@@ -71,6 +71,19 @@ def _where(model: RayModel) -> str:
     return f"({next(model.parameters()).device.type}, {torch.get_num_threads()} threads)"
 
 
+def _claim_folder(meta_path: str, settings: dict, refusal) -> None:
+    """Write ``settings`` to ``meta_path`` (JSON, atomically), or, when the file exists, check that
+    it holds the same settings: a resumed build continues only what it started. ``refusal(found)``
+    is the error message otherwise."""
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            found = json.load(f)
+        if found != settings:
+            raise InputError(refusal(found))
+    else:
+        write_atomic_text(meta_path, json.dumps(settings, indent=1) + "\n")
+
+
 class OcclusionTables:
     """Per-frame ray profiles of ``model``: for frame ``j``, :meth:`cumulative` ``[H, W, K+1]``
     (``C_k``, the weight of the first ``k`` samples), :meth:`canonical` ``[H*W, 3]`` (each pixel's
@@ -97,15 +110,10 @@ class OcclusionTables:
     # -- building -------------------------------------------------------------------------------
     def _check_cache(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
-        meta_path, key = os.path.join(folder, "tables.json"), _model_key(self.model)
-        if os.path.isfile(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                found = json.load(f)
-            if found != key:
-                raise InputError(f"{folder} holds occlusion tables of another model ({found}, this one is {key}); "
-                                 "delete the folder to rebuild")
-        else:
-            write_atomic_text(meta_path, json.dumps(key) + "\n")
+        key = _model_key(self.model)
+        _claim_folder(os.path.join(folder, "tables.json"), key,
+                      lambda found: f"{folder} holds occlusion tables of another model ({found}, this one is {key}); "
+                                    "delete the folder to rebuild")
 
     def _path(self, name: str, j: int) -> str:
         return os.path.join(self.cache_dir, f"{name}_{j:05d}.npy")
@@ -271,15 +279,9 @@ def export_field(model: RayModel, out_dir: str, tables: OcclusionTables | None =
     info = {"num_frames": model.num_imgs, "model_size": [model.h, model.w], "image_size": list(size),
             "family": model.family, "use_max_loc": use_max_loc, "occlusion_th": occlusion_th, "half": half,
             "occlusion": "exact" if exact_occlusion else "tables"}
-    meta = os.path.join(out_dir, "field.json")
-    if os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            found = json.load(f)
-        if found != info:
-            raise InputError(f"{out_dir} holds an export with other settings ({found}); use another folder or "
-                             "delete it")
-    else:
-        write_atomic_text(meta, json.dumps(info, indent=1) + "\n")
+    _claim_folder(os.path.join(out_dir, "field.json"), info,
+                  lambda found: f"{out_dir} holds an export with other settings ({found}); use another folder or "
+                                "delete it")
     maps = os.path.join(out_dir, "maps.npz")
     if not os.path.isfile(maps):
         frames = range(model.num_imgs)
