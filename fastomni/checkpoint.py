@@ -132,7 +132,7 @@ def save_checkpoint(folder: str, step: int, model: nn.Module, optimizer=None, sc
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["step"] = step
-    if getattr(model, "shots", None) is not None:
+    if model.shots is not None:
         state["shots"] = [int(s) for s in model.shots]
     state.update(extra)
     path = os.path.join(folder, f"model_{step:06d}.pth")

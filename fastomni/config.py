@@ -124,8 +124,8 @@ class Config:
             raise ValueError(f"num_imgs must be >= 2 (a video of at least 2 frames), got {self.num_imgs}")
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if self.pair_sampling not in ("original", "uniform"):
-            raise ValueError(f"pair_sampling must be 'original' or 'uniform', got {self.pair_sampling!r}")
+        if self.pair_sampling not in PAIR_SAMPLING:
+            raise ValueError(f"pair_sampling must be one of {PAIR_SAMPLING}, got {self.pair_sampling!r}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (checked like a fresh config)."""
@@ -138,6 +138,7 @@ IGNORED_KEYS = frozenset({"config", "local_rank", "distributed", "num_workers", 
                           "dataset_weights", "foreground_mask_path", "fff"})
 
 FAMILIES = ("original", "fast")
+PAIR_SAMPLING = ("original", "uniform")  # see fastomni.sampler.PairSampler
 
 # Options that fix the shape of the networks or the sampling: a run must keep them to resume.
 MODEL_KEYS = ("family", "num_samples_ray", "pe_freq", "use_affine", "min_depth", "max_depth")

@@ -377,12 +377,18 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
             np.save(tmp, f.astype(np.float32))
 
     # Adjacent pairs first: the cut detection and every longer pair's initialisation go through them.
-    adjacent = [(t, t + s) for t in range(num) for s in (1, -1) if 0 <= t + s < num]
-    for i, j in tqdm(adjacent, desc="adjacent flow", disable=not progress):
-        if _valid_flow(flow_path(i, j), h, w) is None:
-            save_flow(i, j, flow(gray[i], gray[j]))
-    fractions = [0.5 * sum(float(cycle_masks(np.load(flow_path(a, b)), np.load(flow_path(b, a)), 1, cycle_th)[0].mean())
-                           for a, b in ((t, t + 1), (t + 1, t))) for t in range(num - 1)]
+    def adjacent_flow(i, j):
+        f = _valid_flow(flow_path(i, j), h, w)
+        if f is None:
+            f = flow(gray[i], gray[j])
+            save_flow(i, j, f)
+        return f
+
+    fractions = []  # each adjacent pair's cycle-consistent fraction, both directions averaged
+    for t in tqdm(range(num - 1), desc="adjacent flow", disable=not progress):
+        fwd, bwd = adjacent_flow(t, t + 1), adjacent_flow(t + 1, t)
+        fractions.append(0.5 * (float(cycle_masks(fwd, bwd, 1, cycle_th)[0].mean())
+                                + float(cycle_masks(bwd, fwd, 1, cycle_th)[0].mean())))
     cuts = detect_cuts(fractions) if detect_shots else []
     shots = np.cumsum([0] + [int(t in cuts) for t in range(1, num)])
     with atomic_output(os.path.join(seq_dir, "shots.json")) as tmp:

@@ -179,7 +179,7 @@ def frame_result(model: OmniMotion, q: np.ndarray, j: int, px2: Tensor, scores: 
     sc = scores.float().cpu().numpy()
     own = q[:, 0].astype(np.int64) == j
     xy[own], sc[own] = q[own][:, [2, 1]], 0.0
-    if getattr(model, "shots", None) is not None:
+    if model.shots is not None:
         other = model.shots[q[:, 0].astype(np.int64)] != model.shots[j]
         xy[other], sc[other] = np.nan, np.nan
     outside = (xy[:, 0] < 0) | (xy[:, 0] > model.w - 1) | (xy[:, 1] < 0) | (xy[:, 1] > model.h - 1)

@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from fastomni._atomic import atomic_output
+from fastomni.config import PAIR_SAMPLING
 from fastomni.inputs import InputError, read_json
 from fastomni.io import frame_files
 from fastomni.preprocess import bilinear_sample, read_shots
 
 __all__ = ["INTERVAL_GROWTH_STEPS", "PAIR_SAMPLING", "PairSampler", "error_cache_path"]
 
-PAIR_SAMPLING = ("original", "uniform")
 INTERVAL_GROWTH_STEPS = 2000  # the largest pair interval grows by one every this many steps
 
 
@@ -130,7 +130,7 @@ class PairSampler:
         stats = read_json(path, "flow stats")
         index = {n: k for k, n in enumerate(self.names)}
         shots = read_shots(self.seq_dir, self.num_imgs)
-        alone = [int((shots == s).sum()) == 1 for s in shots]  # a one-frame shot has no pair
+        alone = np.bincount(shots)[shots] == 1  # a one-frame shot has no pair
         probs = []
         for i, name in enumerate(self.names):
             if name not in stats:
