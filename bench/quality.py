@@ -10,6 +10,9 @@ Systems per clip, each run through what a user runs (:func:`fastomni.pipeline.tr
 -> preprocess -> optimize -> query, whose wall time is reported per stage):
 
 * ``chained``: :func:`fastomni.baseline.chained_flow_tracks` at the clip's resolution;
+* ``chained_refined``: no OmniMotion: the fast preset's preprocessing, chained flow on its stored
+  frames, and its refinement (:func:`fastomni.refine.refine_tracks`) started from and anchored to
+  the chain instead of a model (what the refinement alone is worth);
 * ``fast``: ``preset("fast")`` with ``num_iters`` times ``--budget-scale``;
 * ``fast2x``: the same with twice the steps;
 * ``original``: ``preset("cpu")`` (the original networks) given the wall time ``fast`` took: a probe
@@ -18,7 +21,7 @@ Systems per clip, each run through what a user runs (:func:`fastomni.pipeline.tr
 
 A budget-scaled run stretches the preset's learning-rate schedule with it (``lrate_decay_steps``
 scaled like ``num_iters``) and checkpoints at 1/4, 1/2, 3/4 and all of its steps. Every checkpoint is
-evaluated (:func:`fastomni.optimize.load_run` + :func:`fastomni.query.track_points`): the "time to
+evaluated (:func:`fastomni.optimize.load_run` + :func:`fastomni.pipeline.model_tracks`): the "time to
 chained AJ" is the wall time of the first checkpoint whose AJ reaches chained flow's (preprocess +
 optimize up to that checkpoint, from its file time, + the final query's time), or "not reached".
 
@@ -59,19 +62,9 @@ CLIPS = (
     ("nonrigid", "nonrigid", 105),
     ("mixed", "mixed", 106),
 )
-SYSTEMS = ("chained", "fast", "fast2x", "original")
+SYSTEMS = ("chained", "chained_refined", "fast", "fast2x", "original")
 MODE = "strided"
 PROBE_STEPS = 6
-
-
-def _import_pipeline():
-    """``(prepare_sequence, track_video)`` from :mod:`fastomni.pipeline`, or from
-    :mod:`fastomni.optimize` where they lived before."""
-    try:
-        from fastomni.pipeline import prepare_sequence, track_video
-    except ImportError:
-        from fastomni.optimize import prepare_sequence, track_video
-    return prepare_sequence, track_video
 
 
 def machine(threads: int) -> dict:
@@ -118,12 +111,13 @@ def checkpoint_tracks(run_dir: str, path: str, video) -> tuple[np.ndarray, np.nd
     """Tracks of the clip's queries by the model of checkpoint ``path``, in the video's pixels
     (as :func:`fastomni.pipeline.track_video` makes them)."""
     from fastomni.optimize import load_run
-    from fastomni.query import rescale_points, track_points
+    from fastomni.pipeline import model_tracks
+    from fastomni.query import rescale_points
 
     model, cfg, _ = load_run(run_dir, device="cpu", checkpoint=path)
     h, w = video.frames.shape[1:3]
     q = model_queries(video, (model.h, model.w))
-    tracks, occluded, _ = track_points(model, q, cfg.use_max_loc, cfg.occlusion_th, cfg.chunk_size)
+    tracks, occluded, _ = model_tracks(model, q, cfg, os.path.join(run_dir, "seq"))
     tracks = rescale_points(tracks, (model.h, model.w), (h, w)).astype(np.float32)
     tracks[np.arange(len(q)), video.query_points[:, 0].astype(np.int64)] = video.query_points[:, [2, 1]]
     return tracks, occluded
@@ -133,8 +127,8 @@ def run_omnimotion(video, run_dir: str, cfg, progress: bool) -> dict:
     """One system through ``track_video`` in a fresh ``run_dir``: metrics, stage times, steps, and
     each checkpoint's AJ and wall time."""
     from fastomni.checkpoint import checkpoint_step
+    from fastomni.pipeline import track_video
 
-    _, track_video = _import_pipeline()
     shutil.rmtree(run_dir, ignore_errors=True)
     result = track_video(video.frames, video.query_points, run_dir, cfg, progress=progress)
     t = result["timings"]
@@ -160,13 +154,37 @@ def run_omnimotion(video, run_dir: str, cfg, progress: bool) -> dict:
     return out
 
 
+def run_chained_refined(video, run_dir: str, cfg, progress: bool) -> dict:
+    """The ``chained_refined`` system (module docstring) with ``cfg``'s preprocessing and
+    ``refine_interval``: metrics and stage times."""
+    from fastomni.baseline import chained_flow_tracks
+    from fastomni.io import load_video
+    from fastomni.pipeline import prepare_sequence
+    from fastomni.query import rescale_points
+    from fastomni.refine import refine_tracks
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    seq_dir, info = prepare_sequence(video.frames, run_dir, cfg, progress=progress)
+    pre = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model_hw = tuple(info["model_size"])
+    q = model_queries(video, model_hw)
+    tracks, occluded = chained_flow_tracks(load_video(os.path.join(seq_dir, "color")), q)
+    tracks, occluded = refine_tracks(tracks, occluded, q, seq_dir, cfg.refine_interval)
+    tracks = rescale_points(tracks, model_hw, video.frames.shape[1:3]).astype(np.float32)
+    tracks[np.arange(len(q)), video.query_points[:, 0].astype(np.int64)] = video.query_points[:, [2, 1]]
+    query = time.perf_counter() - t0
+    return {"metrics": evaluate(video, tracks, occluded), "steps": 0,
+            "timings": {"preprocess": pre, "optimize": 0.0, "query": query, "total": pre + query}}
+
+
 def original_budget(video, probe_dir: str, cfg, seconds: float, progress: bool) -> tuple[int, dict]:
     """Steps of ``cfg`` that fit ``seconds`` of preprocess + optimize + query on ``video``, from a
     probe run of :data:`PROBE_STEPS` steps in ``probe_dir`` (removed after)."""
     from fastomni.optimize import optimize
-    from fastomni.query import track_points
+    from fastomni.pipeline import model_tracks, prepare_sequence
 
-    prepare_sequence, _ = _import_pipeline()
     shutil.rmtree(probe_dir, ignore_errors=True)
     try:
         t0 = time.perf_counter()
@@ -179,7 +197,7 @@ def original_budget(video, probe_dir: str, cfg, seconds: float, progress: bool) 
         per_step = (times[-1] - times[0]) / (len(times) - 1)
         t0 = time.perf_counter()
         q = model_queries(video, tuple(info["model_size"]))
-        track_points(result.model, q, cfg.use_max_loc, cfg.occlusion_th, cfg.chunk_size)
+        model_tracks(result.model, q, cfg, seq_dir)
         query = time.perf_counter() - t0
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
@@ -212,6 +230,8 @@ def run_clip(name: str, motion: str, seed: int, args, workdir: str) -> dict:
                 wall = time.perf_counter() - t0
                 systems[system] = {"metrics": evaluate(video, tracks, occluded), "steps": 0,
                                    "timings": {"preprocess": wall, "optimize": 0.0, "query": 0.0, "total": wall}}
+            elif system == "chained_refined":
+                systems[system] = run_chained_refined(video, run_dir, fast, args.verbose)
             elif system in ("fast", "fast2x"):
                 factor = args.budget_scale * (2 if system == "fast2x" else 1)
                 systems[system] = run_omnimotion(video, run_dir, budgeted(fast, factor), args.verbose)
@@ -260,8 +280,8 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {clip['name']} | {system} | failed: {s['error'].splitlines()[0]} | | | | | | |")
                 continue
             mm, t = s["metrics"][MODE], s["timings"]
-            reach = ("—" if "checkpoints" not in s else "not reached" if s.get("time_to_chained_aj_s") is None
-                     else f"{s['time_to_chained_aj_s']:.1f}")
+            reach = ("—" if "time_to_chained_aj_s" not in s  # no checkpoints, or no chained system to reach
+                     else "not reached" if s["time_to_chained_aj_s"] is None else f"{s['time_to_chained_aj_s']:.1f}")
             lines.append(f"| {clip['name']} | {system} | {mm['average_jaccard']:.3f} | "
                          f"{mm['average_pts_within_thresh']:.3f} | {mm['occlusion_accuracy']:.3f} | "
                          f"{s['metrics']['temporal_coherence']:.2f} | {t['total']:.1f} ({t['preprocess']:.1f} + "

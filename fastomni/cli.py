@@ -86,7 +86,7 @@ def _cmd_preprocess(args) -> int:
 
     frames = load_video(args.video, max_frames=args.max_frames, resize=args.max_side or None)
     preprocess(frames, args.out, max_interval=args.max_interval, progress=not args.quiet, flow_preset=args.flow_preset,
-               pair_near=args.pair_near)
+               pair_near=args.pair_near, frame_format=args.frame_format)
     print(args.out)
     return 0
 
@@ -125,6 +125,7 @@ def _cmd_export(args) -> int:
     from fastomni.query import export_dense
 
     from fastomni.field import OcclusionTables, export_field
+    from fastomni.refine import run_refiner
 
     from fastomni.distributed import export_dense_sharded, init_from_env
 
@@ -138,6 +139,7 @@ def _cmd_export(args) -> int:
         raise InputError(f"query frame {qf} outside 0..{model.num_imgs - 1}")
     size = info["video_size"] if info else None
     scale_to = None if size is None or size == (model.h, model.w) else size
+    refine = None if args.no_refine else run_refiner(args.run, cfg)
     tables = None
     if (args.all or not args.exact_occlusion) and comm is None:  # --all always needs the tables' depth and colour maps
         tables = OcclusionTables(model, os.path.join(args.run, f"tables_{step:06d}"), cfg.chunk_size,
@@ -146,16 +148,17 @@ def _cmd_export(args) -> int:
         out = args.out or os.path.join(args.run, "field")
         export_field(model, out, tables, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
                      chunk_size=cfg.chunk_size, scale_to=scale_to, exact_occlusion=args.exact_occlusion,
-                     progress=not args.quiet)
+                     progress=not args.quiet, refine=refine, refine_interval=cfg.refine_interval)
     else:
         out = args.out or os.path.join(args.run, f"dense_{qf:05d}.npz")
         if comm is not None:  # ranks share the exact per-point occlusion ray (no tables)
             export_dense_sharded(comm, model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th,
-                                 half=args.half, chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet)
+                                 half=args.half, chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet,
+                                 refine=refine)
         else:
             export_dense(model, qf, out, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
                          chunk_size=cfg.chunk_size, scale_to=scale_to, progress=not args.quiet,
-                         tables=None if args.exact_occlusion else tables)
+                         tables=None if args.exact_occlusion else tables, refine=refine)
     if comm is None or comm.is_main:
         print(out)
     return 0
@@ -301,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    from fastomni.config import FRAME_FORMATS
+
     flow_presets = ("full", "medium", "fast")
     p = command("preprocess", _cmd_preprocess, "compute filtered pairwise optical flow for a video")
     p.add_argument("video", help="video file, frame folder or sequence folder")
@@ -311,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair_near", type=int, default=0,
                    help="0: every pair (the original); k: pairs within k frames, then 2k, 4k, ... apart")
     p.add_argument("--flow_preset", choices=flow_presets, default="full")
+    p.add_argument("--frame_format", choices=FRAME_FORMATS, default="jpg",
+                   help="store the frames as JPEG (the original's) or lossless PNG (flow is computed on them)")
 
     p = command("train", _cmd_train, "optimize OmniMotion on a preprocessed sequence (resumes when stopped)")
     p.add_argument("seq", nargs="?", default=None, help="sequence folder (default: data_dir of the config)")
@@ -344,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact_occlusion", action="store_true",
                    help="score occlusion with the per-point ray in the target frame (slow) instead of the per-frame "
                         "occlusion tables (cached in RUN/tables_STEP/)")
+    p.add_argument("--no_refine", action="store_true",
+                   help="the model's tracks as they are, without the refinement on the run's flow that its config "
+                        "asks for (refine_interval, the fast preset's last stage)")
 
     p = command("view", _cmd_view, "write a static browser viewer of the complete field (open OUT/index.html)")
     p.add_argument("source", metavar="RUN_or_EXPORT",

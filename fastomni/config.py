@@ -70,6 +70,7 @@ class Config:
     max_side: int = 0  # fastomni: downscale frames so the longer side is at most this (0: keep)
     pair_near: int = 0  # fastomni: 0: flow for every frame pair (the original); k: pairs within k frames, then 2k, 4k, ...
     pair_sampling: str = "original"  # fastomni: 'original' or 'uniform' (targets uniform, every pair weighted 1)
+    frame_format: str = "jpg"  # fastomni: the sequence's stored frames, 'jpg' (the original's) or lossless 'png'
     # learning rates
     lr_feature: float = 1e-3
     lr_deform: float = 1e-4
@@ -94,6 +95,7 @@ class Config:
     query_frame_id: int = 0
     vis_occlusion: bool = True
     occlusion_th: float = 0.99
+    refine_interval: int = 0  # fastomni: 0: the model's tracks; k: refined on the flow within k frames (fastomni.refine)
     # logging
     i_print: int = 100  # steps between loss log lines
     i_img: int = 500  # steps between trajectory snapshots (vis/); 0: none
@@ -110,7 +112,8 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("i_print", "i_img", "i_weight", "i_cache", "max_side", "grad_clip", "max_padding", "pair_near"):
+        for name in ("i_print", "i_img", "i_weight", "i_cache", "max_side", "grad_clip", "max_padding", "pair_near",
+                     "refine_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_feature", "lr_deform", "lr_color", "lrate_decay_factor"):
@@ -126,6 +129,8 @@ class Config:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.pair_sampling not in PAIR_SAMPLING:
             raise ValueError(f"pair_sampling must be one of {PAIR_SAMPLING}, got {self.pair_sampling!r}")
+        if self.frame_format not in FRAME_FORMATS:
+            raise ValueError(f"frame_format must be one of {FRAME_FORMATS}, got {self.frame_format!r}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (checked like a fresh config)."""
@@ -139,6 +144,7 @@ IGNORED_KEYS = frozenset({"config", "local_rank", "distributed", "num_workers", 
 
 FAMILIES = ("original", "fast")
 PAIR_SAMPLING = ("original", "uniform")  # see fastomni.sampler.PairSampler
+FRAME_FORMATS = ("jpg", "png")  # see fastomni.io.write_frames
 
 # Options that fix the shape of the networks or the sampling: a run must keep them to resume.
 MODEL_KEYS = ("family", "num_samples_ray", "pe_freq", "use_affine", "min_depth", "max_depth")
@@ -158,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_samples_ray": 8, "num_iters": 2400,
         "lr_feature": 1e-2, "lr_deform": 1e-2, "lr_color": 1e-2, "lrate_decay_steps": 600,
         "use_error_map": False, "use_affine": False, "i_print": 100, "i_img": 0, "i_weight": 600, "i_cache": 600,
-        "chunk_size": 4096, "device": "cpu",
+        "chunk_size": 4096, "device": "cpu", "frame_format": "png", "refine_interval": 4,
     },
 }
 

@@ -199,9 +199,10 @@ def sharded_iter_tracks(comm: Comm, model, query_points, use_max_loc: bool = Tru
 
 def export_dense_sharded(comm: Comm, model, query_frame: int, path: str, use_max_loc: bool = True,
                          occlusion_th: float = 0.99, half: bool = False, chunk_size: int = 10000,
-                         scale_to: tuple[int, int] | None = None, progress: bool = True) -> str:
+                         scale_to: tuple[int, int] | None = None, progress: bool = True, refine=None) -> str:
     """:func:`fastomni.query.export_dense` (exact occlusion ray) with the query frame's pixels split
-    over ranks (:func:`sharded_iter_tracks`); rank 0 alone writes ``path``. Every rank must call it."""
+    over ranks (:func:`sharded_iter_tracks`); rank 0 alone writes ``path`` (and runs ``refine``).
+    Every rank must call it."""
     from fastomni.query import export_dense
 
     if not 0 <= query_frame < model.num_imgs:
@@ -211,7 +212,7 @@ def export_dense_sharded(comm: Comm, model, query_frame: int, path: str, use_max
     results = sharded_iter_tracks(comm, model, queries, use_max_loc, occlusion_th, chunk_size, progress)
     if comm.is_main:
         export_dense(model, query_frame, path, use_max_loc, occlusion_th, half, chunk_size, scale_to, progress=False,
-                     results=results)
+                     results=results, refine=refine)
     else:
         for _ in results:  # this rank's share of every frame's all-gather
             pass

@@ -28,7 +28,7 @@ from fastomni.config import Config
 from fastomni.inputs import InputError, check_query_points, read_json
 from fastomni.optimize import optimize
 
-__all__ = ["VIDEO_INFO_KEYS", "prepare_sequence", "read_video_info", "track_video"]
+__all__ = ["VIDEO_INFO_KEYS", "model_tracks", "prepare_sequence", "read_video_info", "track_video"]
 
 VIDEO_INFO_KEYS = ("video_size", "model_size", "num_frames", "sha256")
 
@@ -78,18 +78,34 @@ def prepare_sequence(video, run_dir: str, cfg: Config, progress: bool = True, ma
     info_path = os.path.join(run_dir, "video.json")
     same = (os.path.isfile(info_path) and os.path.isdir(os.path.join(seq_dir, "color"))
             and read_video_info(run_dir)["sha256"] == info["sha256"])
-    # The stored JPEGs of this very video are reused as they are (a pixel-wise comparison with
+    # The stored frames of this very video are reused as they are (a pixel-wise comparison with
     # fresh frames would have to allow for JPEG noise); another video is left to preprocess to refuse.
     preprocess(seq_dir if same else frames, seq_dir, max_interval=max_interval, progress=progress,
-               flow_preset=flow_preset, pair_near=cfg.pair_near)
+               flow_preset=flow_preset, pair_near=cfg.pair_near, frame_format=cfg.frame_format)
     write_atomic_text(info_path, json.dumps(info, indent=1) + "\n")
     return seq_dir, info
+
+
+def model_tracks(model, query_points, cfg: Config, seq_dir: str, progress: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fastomni.query.track_points` of ``query_points [N, 3]`` (t, y, x) in the model's pixels,
+    then, when ``cfg.refine_interval`` is set, :func:`fastomni.refine.refine_tracks` against
+    ``seq_dir``'s flow. Returns ``(tracks [N, T, 2], occluded [N, T], scores [N, T])``, model pixels."""
+    from fastomni.query import track_points
+    from fastomni.refine import refine_tracks
+
+    tracks, occluded, scores = track_points(model, query_points, cfg.use_max_loc, cfg.occlusion_th, cfg.chunk_size,
+                                            progress=progress)
+    if cfg.refine_interval:
+        tracks, occluded = refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval,
+                                         progress=progress)
+    return tracks, occluded, scores
 
 
 def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = False, progress: bool = True,
                 max_interval: int | None = None, flow_preset: str = "full") -> dict:
     """The whole pipeline for query points of a video: :func:`prepare_sequence`, :func:`optimize`
-    (resuming when ``run_dir`` holds checkpoints), :func:`fastomni.query.track_points`, and
+    (resuming when ``run_dir`` holds checkpoints), :func:`model_tracks`, and
     ``run_dir/tracks.npz`` in the video's pixels.
 
     query_points: ``[N, 3]`` rows (t, y, x) in the video's pixels, ``N >= 1``, checked before any work.
@@ -97,7 +113,7 @@ def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = Fal
     per stage).
     """
     from fastomni.io import check_frames, load_video
-    from fastomni.query import rescale_points, save_tracks, track_points
+    from fastomni.query import rescale_points, save_tracks
 
     timings = {}
     start = time.perf_counter()
@@ -114,8 +130,7 @@ def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = Fal
     q_model[:, [2, 1]] = rescale_points(q[:, [2, 1]], video_size, model_size)
     q_model[:, 2] = q_model[:, 2].clip(0, model_size[1] - 1)  # a border query stays on the border pixel
     q_model[:, 1] = q_model[:, 1].clip(0, model_size[0] - 1)
-    tracks, occluded, scores = track_points(result.model, q_model, cfg.use_max_loc, cfg.occlusion_th, cfg.chunk_size,
-                                            progress=progress)
+    tracks, occluded, scores = model_tracks(result.model, q_model, cfg, seq_dir, progress)
     tracks = rescale_points(tracks, model_size, video_size).astype(np.float32)
     tracks[np.arange(len(q)), q[:, 0].astype(np.int64)] = q[:, [2, 1]]  # the query itself, exactly
     path = save_tracks(os.path.join(run_dir, "tracks.npz"), tracks, occluded, q, scores, video_size, half=half)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastomni.io import atomic_output, check_frames, frame_files, load_video, write_frames
+from fastomni.io import FRAME_FORMATS, atomic_output, check_frames, frame_files, load_video, write_frames
 from fastomni.inputs import InputError, InputTypeError
 
 __all__ = ["preprocess", "estimate_cost", "flow_estimator", "cycle_masks", "appearance_similarity",
@@ -329,13 +329,14 @@ def _resolve_input(frames_or_path, seq_dir: str) -> np.ndarray | None:
 
 def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_th: float = 3.0,
                appearance_th: float = 0.5, progress: bool = True, flow_preset: str = "full", pair_near: int = 0,
-               detect_shots: bool = True) -> str:
+               detect_shots: bool = True, frame_format: str = "jpg") -> str:
     """Compute and filter pairwise optical flow for a video into ``seq_dir`` (original layout; see
     the module docstring). Returns ``seq_dir``.
 
     ``frames_or_path``: ``[T, H, W, 3]`` uint8 RGB, or anything ``load_video`` reads (``seq_dir``
     itself when its ``color/`` is already there). Frames are written to ``color/`` (unless it already
-    holds this video) and flow is computed on the stored JPEGs, which training reads.
+    holds this video) as ``frame_format`` (``"jpg"``, the original's, or lossless ``"png"``) and flow
+    is computed on the stored frames, which training reads.
     ``max_interval``: only pairs with ``|i - j| <= max_interval`` (None: all ``T (T - 1)``).
     ``pair_near``: 0 for every interval, else only those of :func:`pair_intervals` (every pair within
     ``pair_near`` frames, then 2x, 4x, ... ``pair_near`` apart).
@@ -352,12 +353,14 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
         raise InputError(f"appearance_th must be a number in [-1, 1] (an SSIM), got {appearance_th!r}")
     if flow_preset not in FLOW_PRESETS:
         raise InputError(f"flow_preset must be one of {FLOW_PRESETS}, got {flow_preset!r}")
+    if frame_format not in FRAME_FORMATS:
+        raise InputError(f"frame_format must be one of {FRAME_FORMATS}, got {frame_format!r}")
     if os.path.exists(seq_dir) and not os.path.isdir(seq_dir):
         raise NotADirectoryError(f"seq_dir {seq_dir} exists and is not a folder")
     to_write = _resolve_input(frames_or_path, seq_dir)
 
     if to_write is not None:
-        write_frames(to_write, seq_dir, progress=progress)
+        write_frames(to_write, seq_dir, progress=progress, frame_format=frame_format)
     color = os.path.join(seq_dir, "color")
     names = [os.path.basename(p) for p in frame_files(color)]
     frames = load_video(color)

@@ -341,7 +341,8 @@ def save_tracks(path: str, tracks, occluded, query_points=None, scores=None, ima
 
 def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bool = True,
                  occlusion_th: float = 0.99, half: bool = False, chunk_size: int = 10000,
-                 scale_to: tuple[int, int] | None = None, progress: bool = True, tables=None, results=None) -> str:
+                 scale_to: tuple[int, int] | None = None, progress: bool = True, tables=None, results=None,
+                 refine=None) -> str:
     """Track every pixel of ``query_frame`` to every frame and write ``path`` (``.npz``), one entry
     per target frame (``tracks_{t:05d} [H*W, 2]``, ``occluded_…``, ``scores_…``) written as it is
     computed. ``scale_to`` (h, w) rescales tracks and query points to another image size (the
@@ -350,7 +351,10 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
     :func:`load_tracks` reassembles ``[H*W, T, ...]``. ``tables``: an
     :class:`fastomni.field.OcclusionTables` of ``model`` for the occlusion scores (else the exact
     per-point occlusion ray). ``results``: the per-frame ``(j, xy, occluded, scores)`` computed
-    elsewhere (:func:`fastomni.distributed.export_dense_sharded`: split over ranks)."""
+    elsewhere (:func:`fastomni.distributed.export_dense_sharded`: split over ranks). ``refine``: a
+    function ``(tracks [H*W, T, 2], occluded [H*W, T], queries [H*W, 3]) -> (tracks, occluded)`` in the
+    model's pixels (:func:`fastomni.refine.refine_tracks` on the run's flow), applied to all frames
+    at once before any is written (it then holds ``H*W*T`` tracks in memory)."""
     queries = _grid_queries(model, query_frame)
     out_q = queries.copy()
     size = (model.h, model.w)
@@ -372,6 +376,8 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
                 from fastomni.field import iter_field_tracks
 
                 results = iter_field_tracks(model, query_frame, tables, use_max_loc, occlusion_th, chunk_size, progress)
+            if refine is not None:
+                results = _refined(results, queries, model.num_imgs, refine)
             for j, xy, occ, sc in results:
                 if scale_to is not None:
                     xy = rescale_points(xy, (model.h, model.w), scale_to)
@@ -386,6 +392,19 @@ def export_dense(model: OmniMotion, query_frame: int, path: str, use_max_loc: bo
                       f"(frame {frames32[0]}: {refused[frames32[0]]})", PrecisionWarning, stacklevel=2)
     _warn_no_estimate(path, missing, len(queries) * model.num_imgs)
     return path
+
+
+def _refined(results, queries: np.ndarray, num_frames: int, refine) -> Iterator:
+    """Every frame of ``results`` (``(j, xy, occluded, scores)``) collected, passed through
+    ``refine`` (see :func:`export_dense`), and yielded again frame by frame."""
+    n = len(queries)
+    tracks, occluded = np.empty((n, num_frames, 2), np.float32), np.empty((n, num_frames), bool)
+    scores = np.empty((n, num_frames), np.float32)
+    for j, xy, occ, sc in results:
+        tracks[:, j], occluded[:, j], scores[:, j] = xy, occ, sc
+    tracks, occluded = refine(tracks, occluded, queries)
+    for j in range(num_frames):
+        yield j, tracks[:, j], occluded[:, j], scores[:, j]
 
 
 def load_tracks(path: str, frames=None) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """The complete motion field: occlusion tables against the per-point occlusion ray, both model
 families; the cache; ``export_field`` (resume, float16); ``fastomni export --all``."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -182,3 +183,36 @@ def test_cli_view_of_a_run(run, capsys):
     assert capsys.readouterr().out.strip().endswith(str(site / "index.html"))
     assert (run / "run" / "field" / "dense_00004.npz").exists()
     assert sorted(os.listdir(site / "data")) == ["manifest.js"] + [f"q_{i:05d}.js" for i in range(5)]
+
+
+def test_cli_export_of_a_refining_run(run, capsys):
+    """A run whose config refines (``refine_interval``): ``export`` refines every pixel's track on
+    the run's flow, exactly as :func:`fastomni.refine.refine_tracks` does; ``--no_refine`` does not,
+    and without the sequence folder the export refuses, writing nothing."""
+    from fastomni.query import rescale_points
+    from fastomni.refine import refine_tracks
+
+    src = run / "run"
+    cfg_text = (src / "config.txt").read_text().replace("refine_interval = 0", "refine_interval = 2")
+    assert "refine_interval = 2" in cfg_text
+    refined_run = run / "refined_run"
+    shutil.copytree(src, refined_run, ignore=shutil.ignore_patterns("field", "tables_*"))
+    (refined_run / "config.txt").write_text(cfg_text)
+    a, b = run / "refined.npz", run / "plain.npz"
+    assert main(["export", str(refined_run), "--query_frame", "1", "--out", str(a), "--quiet"]) == 0
+    assert main(["export", str(refined_run), "--query_frame", "1", "--out", str(b), "--no_refine", "--quiet"]) == 0
+    got, plain = load_tracks(str(a)), load_tracks(str(b))
+    model_hw, video_hw = (10, 12), (20, 24)
+    q = plain["query_points"].astype(np.float64)
+    q[:, [2, 1]] = rescale_points(q[:, [2, 1]], video_hw, model_hw)
+    want, want_occ = refine_tracks(rescale_points(plain["tracks"], video_hw, model_hw), plain["occluded"], q,
+                                   str(refined_run / "seq"), 2)
+    np.testing.assert_allclose(got["tracks"], rescale_points(want, model_hw, video_hw), **TOLERANCES["float32_pixels"])
+    np.testing.assert_array_equal(got["occluded"], want_occ)
+    assert not np.allclose(got["tracks"], plain["tracks"])
+    shutil.rmtree(refined_run / "seq")
+    (refined_run / "config.txt").write_text(cfg_text.replace(str(src / "seq"), str(run / "missing")))
+    capsys.readouterr()
+    assert main(["export", str(refined_run), "--query_frame", "1", "--out", str(run / "none.npz"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no_refine" in err and not (run / "none.npz").exists()

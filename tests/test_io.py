@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastomni import io as fio
+from fastomni.inputs import InputError
 from fastomni.io import atomic_output, frame_files, load_video, write_frames, write_video
 
 
@@ -36,6 +37,18 @@ def test_write_frames_layout_and_round_trip(tmp_path):
     assert back.shape == frames.shape and back.dtype == np.uint8
     assert mean_abs_diff(back, frames) < 1.0  # JPEG quality 95, 4:4:4
     np.testing.assert_array_equal(back, load_video(color))
+
+
+def test_write_frames_png_is_lossless(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 9, 13, 3), dtype=np.uint8)
+    color = write_frames(frames, tmp_path / "seq", frame_format="png")
+    assert listing(color) == ["00000.png", "00001.png", "00002.png"]
+    np.testing.assert_array_equal(load_video(tmp_path / "seq"), frames)
+    with pytest.raises(InputError, match="other frames"):  # PNGs and JPEGs of two videos never mix
+        write_frames(frames, tmp_path / "seq")
+    with pytest.raises(InputError, match="frame_format must be one of"):
+        write_frames(frames, tmp_path / "other", frame_format="gif")
+    assert not (tmp_path / "other").exists()
 
 
 def test_folder_of_frames_natural_order_and_rgb(tmp_path):

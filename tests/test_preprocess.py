@@ -222,6 +222,7 @@ def test_frame_pairs_and_estimate_cost():
     (np.zeros((3, 8, 8, 3), np.uint8), dict(cycle_th=float("nan")), ValueError, "cycle_th"),
     (np.zeros((3, 8, 8, 3), np.uint8), dict(appearance_th=2), ValueError, "appearance_th"),
     (np.zeros((3, 8, 8, 3), np.uint8), dict(flow_preset="raft"), ValueError, "flow_preset"),
+    (np.zeros((3, 8, 8, 3), np.uint8), dict(frame_format="gif"), ValueError, "frame_format"),
     ("missing.mp4", {}, FileNotFoundError, "does not exist"),
     (42, {}, TypeError, "frames_or_path"),
 ])
@@ -354,6 +355,7 @@ def test_tracks_do_not_cross_shot_cuts(tmp_path, montage):
     from fastomni.config import preset
     from fastomni.optimize import load_run, optimize
     from fastomni.query import track_points
+    from fastomni.refine import refine_tracks
 
     seq = preprocess(montage, tmp_path / "seq", pair_near=2, progress=False)
     cfg = preset("fast").replace(num_iters=3, num_pairs=2, num_pts=16, i_weight=3, chunk_size=256)
@@ -368,3 +370,5 @@ def test_tracks_do_not_cross_shot_cuts(tmp_path, montage):
     assert np.isfinite(tracks[same]).all() and np.isnan(tracks[~same]).all()
     assert occluded[~same].all()
     np.testing.assert_array_equal(tracks[np.arange(3), q[:, 0].astype(int)], q[:, [2, 1]])
+    refined, refined_occluded = refine_tracks(tracks, occluded, q, seq, 2)  # no flow edge crosses a cut
+    assert np.isfinite(refined[same]).all() and np.isnan(refined[~same]).all() and refined_occluded[~same].all()

@@ -169,6 +169,24 @@ def test_export_dense_streams_frames_and_rescales(tmp_path, half):
         load_tracks(path, frames=[4])
 
 
+def test_export_dense_refine_sees_every_frame_before_writing(tmp_path):
+    m = _model()
+    tracks, occluded, scores = dense_tracks(m, 2)
+    seen = {}
+
+    def refine(t, o, q):
+        seen.update(tracks=t.copy(), occluded=o.copy(), queries=q.copy())
+        return t + 1.0, ~o
+
+    got = load_tracks(export_dense(m, 2, str(tmp_path / "d.npz"), progress=False, refine=refine))
+    np.testing.assert_allclose(seen["tracks"], tracks, **TOLERANCES["float32_pixels_same_path"])
+    np.testing.assert_array_equal(seen["occluded"], occluded)
+    np.testing.assert_array_equal(seen["queries"][:, 0], 2)
+    np.testing.assert_allclose(got["tracks"], tracks + 1.0, **TOLERANCES["float32_pixels_same_path"])
+    np.testing.assert_array_equal(got["occluded"], ~occluded)
+    np.testing.assert_allclose(got["scores"], scores, **TOLERANCES["float32_pixels_same_path"])
+
+
 def test_rescale_points_pixel_centres():
     # pixel centres: x = -0.5 (left edge) and x = w - 0.5 (right edge) map to the new edges
     out = rescale_points(np.array([[-0.5, -0.5], [9.5, 4.5], [4.5, 2.0]]), (5, 10), (10, 40))

@@ -1,0 +1,190 @@
+"""Refine a model's tracks against the preprocessed pairwise flow (the fast preset's last stage).
+
+A model trained for minutes places a point within about a pixel of where it should be, but its
+frame-to-frame steps are 2-3x less precise than the optical flow it was fitted to
+(docs/fast-preset.md, round 3). This stage keeps the model's track as the starting point and the
+prior, and pulls it onto the filtered flow of every pair of frames at most ``max_interval`` apart.
+For one query point with positions ``x_t`` (pixels, the model's resolution) it minimises
+
+    sum_{a -> b} w_ab |x_b - x_a - F_ab(x_a)|^2  +  prior * sum_t |x_t - m_t|^2
+
+where ``m_t`` is the model's track, ``F_ab`` the flow a -> b read bilinearly at ``x_a``, and
+``w_ab = [cycle-consistent at x_a] [x_a in the image] [a, b visible to the model] / |b - a|``,
+times a Huber factor ``min(1, huber / residual)`` from the previous iterate (a flow that disagrees
+with the others by more than ``huber`` pixels counts as an outlier, not as a quadratic pull). The
+query frame is held at the query. The flow is re-read at the new positions and the quadratic
+solved again, ``iterations`` times (a fixed-point iteration; each solve is a banded system of
+bandwidth ``max_interval``, solved by a batched banded Cholesky over the points).
+
+Occlusion: the model's flag; or the median residual of the cycle-consistent flows into and out of
+the frame above ``residual_th`` pixels (the flows cannot agree on the position); or a refined
+position more than ``max_disagreement`` pixels from the model's (the flow and the model disagree,
+and one of them has lost the point). A lost track reported visible is a false positive for
+TAP-Vid's metrics; reported occluded, it costs only occlusion accuracy. Non-finite positions
+(frames of another shot) stay non-finite. Flows across a shot cut do not exist, so no edge
+crosses one.
+
+Example::
+
+    >>> import numpy as np
+    >>> band = np.array([[[2.0], [0.0]], [[2.0], [-1.0]]])   # one matrix, A = [[2, -1], [-1, 2]]
+    >>> banded_cholesky_solve(band, np.ones((2, 1, 1)))[:, 0, 0].round(6).tolist()
+    [1.0, 1.0]
+"""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from fastomni.inputs import InputError
+from fastomni.io import frame_files
+from fastomni.preprocess import edge_sample
+
+__all__ = ["banded_cholesky_solve", "refine_tracks", "run_refiner"]
+
+
+def banded_cholesky_solve(band: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``A x = rhs`` for a batch of ``N`` symmetric positive definite banded matrices, frames
+    first and points last (every step is then one contiguous vector operation over the points).
+
+    ``band [T, k + 1, N]`` float64: ``band[i, d, n] = A_n[i, i - d]`` (the lower band; entries with
+    ``i - d < 0`` are ignored); ``rhs [T, N, C]``. Returns ``x [T, N, C]``. Costs ``O(T k^2 N)``.
+    """
+    t, k1 = band.shape[:2]
+    k = k1 - 1
+    low = np.zeros_like(band)  # low[i, d] = L[i, i - d], A = L L^T
+    for i in range(t):
+        for d in range(min(i, k), -1, -1):
+            j = i - d
+            s = band[i, d].copy()
+            for e in range(d + 1, min(i, k) + 1):  # L[i, m] L[j, m] for m = i - e < j
+                s -= low[i, e] * low[j, e - d]
+            low[i, d] = np.sqrt(s) if d == 0 else s / low[j, 0]
+    y = np.empty_like(rhs)
+    for i in range(t):
+        s = rhs[i].copy()
+        for d in range(1, min(i, k) + 1):
+            s -= low[i, d, :, None] * y[i - d]
+        y[i] = s / low[i, 0, :, None]
+    x = np.empty_like(rhs)
+    for i in range(t - 1, -1, -1):
+        s = y[i].copy()
+        for d in range(1, min(t - 1 - i, k) + 1):
+            s -= low[i + d, d, :, None] * x[i + d]
+        x[i] = s / low[i, 0, :, None]
+    return x
+
+
+def _flow_pairs(seq_dir: str, num_frames: int, max_interval: int) -> list[tuple[int, int, str, str]]:
+    """``(a, b, flow path, mask path)`` of every stored pair with ``0 < |a - b| <= max_interval``."""
+    names = [os.path.basename(p) for p in frame_files(os.path.join(seq_dir, "color"))]
+    if len(names) != num_frames:
+        raise InputError(f"{seq_dir} holds {len(names)} frames but the tracks have {num_frames}")
+    pairs = []
+    for a in range(num_frames):
+        for b in range(max(0, a - max_interval), min(num_frames, a + max_interval + 1)):
+            flow = os.path.join(seq_dir, "raft_exhaustive", f"{names[a]}_{names[b]}.npy")
+            mask = os.path.join(seq_dir, "raft_masks", f"{names[a]}_{names[b]}.png")
+            if a != b and os.path.isfile(flow) and os.path.isfile(mask):
+                pairs.append((a, b, flow, mask))
+    return pairs
+
+
+def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: int = 4, prior: float = 0.005,
+                  huber: float = 1.0, iterations: int = 6, residual_th: float = 1.0,
+                  max_disagreement: float = 4.0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Refine ``tracks [N, T, 2]`` (x, y) pixels at the resolution of ``seq_dir``'s frames, with
+    ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), against ``seq_dir``'s filtered
+    flow (see the module docstring). Returns ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
+    """
+    tracks = np.asarray(tracks, np.float64)
+    occluded = np.asarray(occluded, bool)
+    q = np.asarray(query_points, np.float64)
+    if tracks.ndim != 3 or tracks.shape[2] != 2 or occluded.shape != tracks.shape[:2] or q.shape != (len(tracks), 3):
+        raise InputError(f"tracks [N, T, 2], occluded [N, T] and query_points [N, 3] expected, got "
+                         f"{tracks.shape}, {occluded.shape} and {q.shape}")
+    if (max_interval < 1 or iterations < 1
+            or not min(prior, huber, residual_th, max_disagreement) > 0):
+        raise InputError("refine_tracks needs max_interval >= 1, iterations >= 1 and positive prior, huber, "
+                         f"residual_th and max_disagreement; got {max_interval}, {iterations}, {prior}, {huber}, "
+                         f"{residual_th}, {max_disagreement}")
+    n, t = occluded.shape
+    pairs = _flow_pairs(seq_dir, t, max_interval)
+    if not pairs:
+        return tracks.astype(np.float32), occluded.copy()
+    h, w = np.load(pairs[0][2], mmap_mode="r").shape[:2]
+    # Frames first, points last ([T, N, ...]): each frame's positions are one contiguous block.
+    rows, qt = np.arange(n), q[:, 0].astype(np.int64)
+    known = np.isfinite(tracks).all(-1).T
+    model = np.where(known[..., None], tracks.transpose(1, 0, 2), 0.0)
+    model[qt, rows] = q[:, [2, 1]]
+    visible = ~occluded.T & known
+    visible[qt, rows] = True
+    x = model.copy()
+    for it in tqdm(range(iterations + 1), desc="refine tracks", disable=not progress):
+        last = it == iterations  # the last pass only measures the residuals of the final positions
+        if last:
+            residuals = np.full((t, 4 * max_interval, n), np.nan)  # each frame's incident edges; NaN: not valid
+            slot = np.zeros(t, np.int64)
+        else:
+            band, rhs = np.zeros((t, max_interval + 1, n)), np.zeros((t, n, 2))
+        for a, b, flow_path, mask_path in pairs:
+            flow = np.load(flow_path)
+            mask = cv2.imread(mask_path, cv2.IMREAD_COLOR)[..., 2:3].astype(np.float32)  # R: cycle-consistent
+            xa = x[a].astype(np.float32)
+            step = edge_sample(flow, xa).astype(np.float64)
+            inside = (xa[:, 0] >= 0) & (xa[:, 0] <= w - 1) & (xa[:, 1] >= 0) & (xa[:, 1] <= h - 1)
+            valid = (edge_sample(mask, xa)[:, 0] > 127.5) & inside & known[a] & known[b]
+            residual = np.linalg.norm(x[b] - x[a] - step, axis=-1)
+            if last:
+                for f in (a, b):
+                    residuals[f, slot[f]] = np.where(valid, residual, np.nan)
+                    slot[f] += 1
+                continue
+            weight = valid * visible[a] * visible[b] / abs(b - a)
+            if it > 0:
+                weight *= np.minimum(1.0, huber / np.maximum(residual, 1e-12))
+            band[a, 0] += weight
+            band[b, 0] += weight
+            band[max(a, b), abs(b - a)] -= weight
+            rhs[b] += weight[:, None] * step
+            rhs[a] -= weight[:, None] * step
+        if last:
+            break
+        band[:, 0] += prior
+        rhs += prior * model
+        band[qt, 0, rows] += 1e6  # the query frame stays at the query
+        rhs[qt, rows] += 1e6 * model[qt, rows]
+        x = banded_cholesky_solve(band, rhs)
+        x[qt, rows] = model[qt, rows]
+    count = np.isfinite(residuals).sum(1, keepdims=True)
+    ordered = np.sort(residuals, axis=1)  # NaN last
+    median = 0.5 * (np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, 1)
+                    + np.take_along_axis(ordered, count // 2, 1))[:, 0]
+    outside = (x[..., 0] < 0) | (x[..., 0] > w - 1) | (x[..., 1] < 0) | (x[..., 1] > h - 1)
+    disagree = np.linalg.norm(x - model, axis=-1) > max_disagreement
+    out_occluded = occluded | (outside | disagree | (count[:, 0] > 0) & (median > residual_th)).T
+    out_occluded[rows, qt] = False
+    x[~known] = np.nan
+    return x.transpose(1, 0, 2).astype(np.float32), out_occluded
+
+
+def run_refiner(run_dir: str, cfg):
+    """:func:`refine_tracks` bound to a run's sequence folder (``RUN/seq``, else the config's
+    ``data_dir``) and ``cfg.refine_interval``, as ``refine(tracks, occluded, query_points)``; None
+    when the config does not refine. Raises :class:`InputError` when the folder is not there."""
+    if not cfg.refine_interval:
+        return None
+    seq_dir = next((d for d in (os.path.join(run_dir, "seq"), cfg.data_dir) if d and os.path.isdir(d)), None)
+    if seq_dir is None:
+        raise InputError(f"{run_dir}'s config refines tracks on its flow (refine_interval {cfg.refine_interval}) but "
+                         f"its sequence folder is not there ({os.path.join(run_dir, 'seq')} or {cfg.data_dir!r}); "
+                         "--no_refine exports the model's tracks as they are")
+
+    def refine(tracks, occluded, query_points):
+        return refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval)
+
+    return refine

@@ -1,0 +1,194 @@
+"""fastomni.refine: the banded solver against a dense one, and the track refinement against the
+energy of its docstring, solved directly, on a hand-made sequence with known flow."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import TOLERANCES
+from fastomni.inputs import InputError
+from fastomni.io import frame_name, write_frames
+from fastomni.config import preset
+from fastomni.refine import banded_cholesky_solve, refine_tracks, run_refiner
+
+F64 = TOLERANCES[__import__("torch").float64]
+PIXELS = TOLERANCES["float32_pixels"]
+
+
+def _dense(band):
+    """[T, k + 1, N] lower band -> [N, T, T] matrices."""
+    t, k1, n = band.shape
+    a = np.zeros((n, t, t))
+    for i in range(t):
+        for d in range(min(i, k1 - 1) + 1):
+            a[:, i, i - d] = a[:, i - d, i] = band[i, d]
+    return a
+
+
+@pytest.mark.parametrize("t,k", [(1, 1), (2, 1), (7, 3), (13, 4), (5, 9)])
+def test_banded_cholesky_solve_matches_dense(t, k):
+    rng = np.random.default_rng(t * 10 + k)
+    band = rng.normal(size=(t, k + 1, 3))
+    band[:, 0] = np.abs(band[:, 0]) + 2 * (k + 1)  # diagonally dominant: positive definite
+    rhs = rng.normal(size=(t, 3, 2))
+    expected = np.linalg.solve(_dense(band), rhs.transpose(1, 0, 2))
+    np.testing.assert_allclose(banded_cholesky_solve(band, rhs), expected.transpose(1, 0, 2), **F64)
+
+
+def _sequence(folder, num, h, w, step=(1.0, 0.0), cycle=True, bad_frame=None):
+    """A sequence whose flow a -> b is ``(b - a) * step`` everywhere (cycle-consistent unless
+    ``cycle`` is False); pairs into and out of ``bad_frame`` are off by 4 px."""
+    write_frames(np.zeros((num, h, w, 3), np.uint8), folder)
+    os.makedirs(os.path.join(folder, "raft_exhaustive"))
+    os.makedirs(os.path.join(folder, "raft_masks"))
+    for a in range(num):
+        for b in range(num):
+            if a == b:
+                continue
+            flow = np.broadcast_to(np.float32((b - a) * np.array(step)), (h, w, 2)).copy()
+            if bad_frame is not None and bad_frame in (a, b) and abs(a - b) > 1:
+                flow[..., 1] += 4.0
+            np.save(os.path.join(folder, "raft_exhaustive", f"{frame_name(a)}_{frame_name(b)}.npy"), flow)
+            rgb = np.zeros((h, w, 3), np.uint8)
+            rgb[..., 0] = 255 * cycle
+            cv2.imwrite(os.path.join(folder, "raft_masks", f"{frame_name(a)}_{frame_name(b)}.png"), rgb[..., ::-1])
+    return folder
+
+
+def _energy_minimum(model, q, num, step, max_interval, prior):
+    """The refinement's quadratic (module docstring), every flow valid and every frame visible,
+    solved densely with the query frame eliminated."""
+    out = np.empty_like(model)
+    for p in range(len(model)):
+        a_mat, rhs = prior * np.eye(num), prior * model[p].copy()
+        for a in range(num):
+            for b in range(num):
+                d = abs(a - b)
+                if 0 < d <= max_interval:
+                    w, f = 1.0 / d, (b - a) * np.asarray(step)
+                    a_mat[[a, b], [a, b]] += w
+                    a_mat[a, b] -= w
+                    a_mat[b, a] -= w
+                    rhs[b] += w * f
+                    rhs[a] -= w * f
+        qt = int(q[p, 0])
+        free = [i for i in range(num) if i != qt]
+        fixed = q[p, [2, 1]]
+        sol = np.linalg.solve(a_mat[np.ix_(free, free)], rhs[free] - a_mat[free, qt][:, None] * fixed)
+        out[p, free], out[p, qt] = sol, fixed
+    return out
+
+
+def test_refine_solves_its_energy(tmp_path):
+    num, h, w, step = 7, 20, 24, (1.0, 0.5)
+    seq = _sequence(str(tmp_path / "seq"), num, h, w, step)
+    rng = np.random.default_rng(0)
+    q = np.array([[0, 5.0, 3.0], [3, 10.0, 9.0], [6, 14.0, 16.0]])
+    truth = q[:, None, [2, 1]] + (np.arange(num)[None, :, None] - q[:, None, :1]) * np.array(step)
+    model = truth + rng.normal(scale=0.7, size=truth.shape)
+    occluded = np.zeros((3, num), bool)
+    tracks, occ = refine_tracks(model, occluded, q, seq, max_interval=3, prior=0.005)
+    assert tracks.dtype == np.float32 and occ.dtype == bool and tracks.shape == model.shape
+    expected = _energy_minimum(model, q, num, step, 3, 0.005)
+    np.testing.assert_allclose(tracks, expected, **PIXELS)
+    # The flow pulls the noisy model onto the true motion, and the query frame is the query.
+    assert np.abs(tracks - truth).max() < 0.1 * np.abs(model - truth).max()
+    np.testing.assert_array_equal(tracks[np.arange(3), q[:, 0].astype(int)], q[:, [2, 1]].astype(np.float32))
+    assert not occ.any()
+
+
+def test_refine_keeps_the_model_without_valid_flow(tmp_path):
+    num = 5
+    seq = _sequence(str(tmp_path / "seq"), num, 16, 16, cycle=False)
+    q = np.array([[2, 8.0, 8.0]])
+    model = np.full((1, num, 2), 8.0) + np.arange(num)[None, :, None] * 0.3
+    tracks, occ = refine_tracks(model, np.zeros((1, num), bool), q, seq)
+    np.testing.assert_allclose(tracks[0, [0, 1, 3, 4]], model[0, [0, 1, 3, 4]], **PIXELS)
+
+
+def test_refine_flags_frames_the_flows_disagree_on(tmp_path):
+    num = 7
+    seq = _sequence(str(tmp_path / "seq"), num, 24, 24, bad_frame=4)
+    q = np.array([[0, 12.0, 4.0]])
+    model = q[:, None, [2, 1]] + np.stack([np.arange(num), np.zeros(num)], -1)[None]
+    tracks, occ = refine_tracks(model, np.zeros((1, num), bool), q, seq, max_interval=3, residual_th=1.0)
+    assert occ[0, 4] and not occ[0, [0, 1, 2, 6]].any()
+
+
+def test_refine_flags_where_the_model_and_the_flow_disagree(tmp_path):
+    num = 6
+    seq = _sequence(str(tmp_path / "seq"), num, 32, 32)
+    q = np.array([[0, 16.0, 4.0]])
+    truth = q[:, None, [2, 1]] + np.stack([np.arange(num), np.zeros(num)], -1)[None]
+    model = truth.copy()
+    model[0, 3, 1] += 6.0  # the model lost the point at frame 3; the flow has not
+    tracks, occ = refine_tracks(model, np.zeros((1, num), bool), q, seq, max_disagreement=4.0)
+    assert np.abs(tracks[0, 3] - truth[0, 3]).max() < 0.1
+    assert occ[0, 3] and not occ[0, [0, 1, 2, 4, 5]].any()
+    _, occ = refine_tracks(model, np.zeros((1, num), bool), q, seq, max_disagreement=10.0)
+    assert not occ.any()
+
+
+def test_refine_keeps_missing_frames_and_model_occlusion(tmp_path):
+    num = 6
+    seq = _sequence(str(tmp_path / "seq"), num, 16, 16)
+    q = np.array([[1, 8.0, 4.0]])
+    model = q[:, None, [2, 1]] + np.stack([np.arange(num) - 1.0, np.zeros(num)], -1)[None]
+    model[0, 4:] = np.nan  # another shot
+    occluded = np.zeros((1, num), bool)
+    occluded[0, 3] = True
+    tracks, occ = refine_tracks(model, occluded, q, seq)
+    assert np.isnan(tracks[0, 4:]).all() and np.isfinite(tracks[0, :4]).all()
+    assert occ[0, 3] and not occ[0, 1]
+    # a position refined outside the image is occluded (TAP-Vid's convention, as track_points)
+    far = model.copy()
+    far[0, 0] = (-3.0, 8.0)
+    _, occ = refine_tracks(far, occluded, q, seq, prior=1e3)
+    assert occ[0, 0]
+
+
+def test_refine_rejects_bad_input(tmp_path):
+    seq = _sequence(str(tmp_path / "seq"), 4, 8, 8)
+    q = np.array([[0, 1.0, 1.0]])
+    with pytest.raises(InputError, match="expected"):
+        refine_tracks(np.zeros((1, 4, 3)), np.zeros((1, 4), bool), q, seq)
+    with pytest.raises(InputError, match="holds 4 frames but the tracks have 5"):
+        refine_tracks(np.zeros((1, 5, 2)), np.zeros((1, 5), bool), q, seq)
+    with pytest.raises(InputError, match="max_interval >= 1"):
+        refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, max_interval=0)
+
+
+def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
+    assert run_refiner(str(tmp_path), preset("original")) is None
+    cfg = preset("fast")
+    with pytest.raises(InputError, match="--no_refine"):
+        run_refiner(str(tmp_path), cfg)
+    num = 5
+    _sequence(str(tmp_path / "seq"), num, 16, 16)
+    q = np.array([[0, 8.0, 4.0]])
+    model = q[:, None, [2, 1]] + np.stack([np.arange(num), np.zeros(num)], -1)[None] + 0.3
+    tracks, _ = run_refiner(str(tmp_path), cfg)(model, np.zeros((1, num), bool), q)
+    want, _ = refine_tracks(model, np.zeros((1, num), bool), q, str(tmp_path / "seq"), cfg.refine_interval)
+    np.testing.assert_array_equal(tracks, want)
+
+
+def test_fast_track_video_stores_png_and_refines(tmp_path):
+    """``track_video`` with the fast preset: lossless frames, and tracks that are the model's
+    refined on the stored flow (:func:`fastomni.pipeline.model_tracks`)."""
+    from fastomni.optimize import load_run
+    from fastomni.pipeline import model_tracks, track_video
+    from fastomni.synthetic import make_video
+
+    video = make_video(num_frames=5, h=24, w=24, num_points=6, seed=3)
+    cfg = preset("fast").replace(num_iters=2, num_pairs=2, num_pts=8, num_samples_ray=4, i_weight=2, chunk_size=64)
+    out = track_video(video.frames, video.query_points, str(tmp_path / "run"), cfg, progress=False)
+    seq = str(tmp_path / "run" / "seq")
+    assert sorted(os.listdir(os.path.join(seq, "color"))) == [f"{i:05d}.png" for i in range(5)]
+    model, run_cfg, _ = load_run(str(tmp_path / "run"), device="cpu")
+    assert run_cfg.refine_interval == cfg.refine_interval == 4
+    q = video.query_points.astype(np.float64)
+    raw, raw_occluded, _ = model_tracks(model, q, run_cfg.replace(refine_interval=0), seq)
+    want, want_occluded = refine_tracks(raw, raw_occluded, q, seq, 4)
+    np.testing.assert_allclose(out["tracks"], want, **PIXELS)
+    np.testing.assert_array_equal(out["occluded"], want_occluded)
