@@ -7,14 +7,16 @@ prior, and pulls it onto the filtered flow of every pair of frames at most ``max
 For one query point with positions ``x_t`` (pixels, the model's resolution) it minimises
 
     sum_{a -> b} w_ab |x_b - x_a - F_ab(x_a)|^2  +  prior * sum_t |x_t - m_t|^2
+                                                +  smooth * sum_t |x_{t+1} - 2 x_t + x_{t-1}|^2
 
 where ``m_t`` is the model's track, ``F_ab`` the flow a -> b read bilinearly at ``x_a``, and
 ``w_ab = [cycle-consistent at x_a] [x_a in the image] [a, b visible to the model] / |b - a|``,
 times a Huber factor ``min(1, huber / residual)`` from the previous iterate (a flow that disagrees
 with the others by more than ``huber`` pixels counts as an outlier, not as a quadratic pull). The
-query frame is held at the query. The flow is re-read at the new positions and the quadratic
+query frame is held at the query. The acceleration term (the original's training regulariser, on
+the track) keeps frames that no flow reaches from jumping to the model's position. The flow is re-read at the new positions and the quadratic
 solved again, ``iterations`` times (a fixed-point iteration; each solve is a banded system of
-bandwidth ``max_interval``, solved by a batched banded Cholesky over the points).
+bandwidth ``max(max_interval, 2)``, solved by a batched banded Cholesky over the points).
 
 Occlusion: the model's flag; or the median residual of the cycle-consistent flows into and out of
 the frame above ``residual_th`` pixels (the flows cannot agree on the position); or a refined
@@ -95,7 +97,8 @@ def _flow_pairs(seq_dir: str, num_frames: int, max_interval: int) -> list[tuple[
 
 def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: int = 4, prior: float = 0.005,
                   huber: float = 1.0, iterations: int = 6, residual_th: float = 1.0,
-                  max_disagreement: float = 4.0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  max_disagreement: float = 4.0, smooth: float = 0.5,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Refine ``tracks [N, T, 2]`` (x, y) pixels at the resolution of ``seq_dir``'s frames, with
     ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), against ``seq_dir``'s filtered
     flow (see the module docstring). Returns ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
@@ -107,10 +110,10 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
         raise InputError(f"tracks [N, T, 2], occluded [N, T] and query_points [N, 3] expected, got "
                          f"{tracks.shape}, {occluded.shape} and {q.shape}")
     if (max_interval < 1 or iterations < 1
-            or not min(prior, huber, residual_th, max_disagreement) > 0):
-        raise InputError("refine_tracks needs max_interval >= 1, iterations >= 1 and positive prior, huber, "
-                         f"residual_th and max_disagreement; got {max_interval}, {iterations}, {prior}, {huber}, "
-                         f"{residual_th}, {max_disagreement}")
+            or not min(prior, huber, residual_th, max_disagreement) > 0 or not smooth >= 0):
+        raise InputError("refine_tracks needs max_interval >= 1, iterations >= 1, positive prior, huber, residual_th "
+                         f"and max_disagreement and smooth >= 0; got {max_interval}, {iterations}, {prior}, {huber}, "
+                         f"{residual_th}, {max_disagreement}, {smooth}")
     n, t = occluded.shape
     pairs = _flow_pairs(seq_dir, t, max_interval)
     if not pairs:
@@ -130,7 +133,7 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
             residuals = np.full((t, 4 * max_interval, n), np.nan)  # each frame's incident edges; NaN: not valid
             slot = np.zeros(t, np.int64)
         else:
-            band, rhs = np.zeros((t, max_interval + 1, n)), np.zeros((t, n, 2))
+            band, rhs = np.zeros((t, max(max_interval, 2) + 1, n)), np.zeros((t, n, 2))
         for a, b, flow_path, mask_path in pairs:
             flow = np.load(flow_path)
             mask = cv2.imread(mask_path, cv2.IMREAD_COLOR)[..., 2:3].astype(np.float32)  # R: cycle-consistent
@@ -156,6 +159,13 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
             break
         band[:, 0] += prior
         rhs += prior * model
+        if t >= 3:  # smooth * |x_{c-1} - 2 x_c + x_{c+1}|^2 for c = 1 .. T-2
+            band[:-2, 0] += smooth
+            band[1:-1, 0] += 4 * smooth
+            band[2:, 0] += smooth
+            band[1:-1, 1] -= 2 * smooth
+            band[2:, 1] -= 2 * smooth
+            band[2:, 2] += smooth
         band[qt, 0, rows] += 1e6  # the query frame stays at the query
         rhs[qt, rows] += 1e6 * model[qt, rows]
         x = banded_cholesky_solve(band, rhs)

@@ -56,12 +56,15 @@ def _sequence(folder, num, h, w, step=(1.0, 0.0), cycle=True, bad_frame=None):
     return folder
 
 
-def _energy_minimum(model, q, num, step, max_interval, prior):
+def _energy_minimum(model, q, num, step, max_interval, prior, smooth):
     """The refinement's quadratic (module docstring), every flow valid and every frame visible,
     solved densely with the query frame eliminated."""
     out = np.empty_like(model)
+    second = np.zeros((num - 2, num))  # rows: x_{c-1} - 2 x_c + x_{c+1}
+    for c in range(1, num - 1):
+        second[c - 1, c - 1:c + 2] = (1.0, -2.0, 1.0)
     for p in range(len(model)):
-        a_mat, rhs = prior * np.eye(num), prior * model[p].copy()
+        a_mat, rhs = prior * np.eye(num) + smooth * second.T @ second, prior * model[p].copy()
         for a in range(num):
             for b in range(num):
                 d = abs(a - b)
@@ -80,7 +83,8 @@ def _energy_minimum(model, q, num, step, max_interval, prior):
     return out
 
 
-def test_refine_solves_its_energy(tmp_path):
+@pytest.mark.parametrize("max_interval", [1, 3])
+def test_refine_solves_its_energy(tmp_path, max_interval):
     num, h, w, step = 7, 20, 24, (1.0, 0.5)
     seq = _sequence(str(tmp_path / "seq"), num, h, w, step)
     rng = np.random.default_rng(0)
@@ -88,9 +92,9 @@ def test_refine_solves_its_energy(tmp_path):
     truth = q[:, None, [2, 1]] + (np.arange(num)[None, :, None] - q[:, None, :1]) * np.array(step)
     model = truth + rng.normal(scale=0.7, size=truth.shape)
     occluded = np.zeros((3, num), bool)
-    tracks, occ = refine_tracks(model, occluded, q, seq, max_interval=3, prior=0.005)
+    tracks, occ = refine_tracks(model, occluded, q, seq, max_interval=max_interval, prior=0.005)
     assert tracks.dtype == np.float32 and occ.dtype == bool and tracks.shape == model.shape
-    expected = _energy_minimum(model, q, num, step, 3, 0.005)
+    expected = _energy_minimum(model, q, num, step, max_interval, 0.005, 0.5)
     np.testing.assert_allclose(tracks, expected, **PIXELS)
     # The flow pulls the noisy model onto the true motion, and the query frame is the query.
     assert np.abs(tracks - truth).max() < 0.1 * np.abs(model - truth).max()
@@ -98,13 +102,20 @@ def test_refine_solves_its_energy(tmp_path):
     assert not occ.any()
 
 
-def test_refine_keeps_the_model_without_valid_flow(tmp_path):
+def test_refine_without_valid_flow_smooths_the_model(tmp_path):
+    """No cycle-consistent flow: only the prior and the acceleration term are left (a straight
+    model track through the query stays as it is; a bent one is smoothed as the energy says)."""
     num = 5
     seq = _sequence(str(tmp_path / "seq"), num, 16, 16, cycle=False)
-    q = np.array([[2, 8.0, 8.0]])
+    q = np.array([[2, 8.6, 8.6]])
     model = np.full((1, num, 2), 8.0) + np.arange(num)[None, :, None] * 0.3
-    tracks, occ = refine_tracks(model, np.zeros((1, num), bool), q, seq)
-    np.testing.assert_allclose(tracks[0, [0, 1, 3, 4]], model[0, [0, 1, 3, 4]], **PIXELS)
+    tracks, _ = refine_tracks(model, np.zeros((1, num), bool), q, seq)
+    np.testing.assert_allclose(tracks, model, **PIXELS)
+    model[0, 4] += 2.0
+    tracks, _ = refine_tracks(model, np.zeros((1, num), bool), q, seq, smooth=0.5)
+    np.testing.assert_allclose(tracks, _energy_minimum(model, q, num, (0.0, 0.0), 0, 0.005, 0.5), **PIXELS)
+    tracks, _ = refine_tracks(model, np.zeros((1, num), bool), q, seq, smooth=0.0)
+    np.testing.assert_allclose(tracks, model, **PIXELS)
 
 
 def test_refine_flags_frames_the_flows_disagree_on(tmp_path):
