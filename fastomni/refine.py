@@ -14,7 +14,8 @@ where ``m_t`` is the model's track, ``F_ab`` the flow a -> b read bilinearly at 
 times a Huber factor ``min(1, huber / residual)`` from the previous iterate (a flow that disagrees
 with the others by more than ``huber`` pixels counts as an outlier, not as a quadratic pull). The
 query frame is held at the query. The acceleration term (the original's training regulariser, on
-the track) keeps frames that no flow reaches from jumping to the model's position. The flow is re-read at the new positions and the quadratic
+the track, over triplets of frames in the query's shot) keeps frames that no flow reaches from
+jumping to the model's position. The flow is re-read at the new positions and the quadratic
 solved again, ``iterations`` times (a fixed-point iteration; each solve is a banded system of
 bandwidth ``max(max_interval, 2)``, solved by a batched banded Cholesky over the points).
 
@@ -159,13 +160,14 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
             break
         band[:, 0] += prior
         rhs += prior * model
-        if t >= 3:  # smooth * |x_{c-1} - 2 x_c + x_{c+1}|^2 for c = 1 .. T-2
-            band[:-2, 0] += smooth
-            band[1:-1, 0] += 4 * smooth
-            band[2:, 0] += smooth
-            band[1:-1, 1] -= 2 * smooth
-            band[2:, 1] -= 2 * smooth
-            band[2:, 2] += smooth
+        if t >= 3:  # smooth * |x_{c-1} - 2 x_c + x_{c+1}|^2 for c = 1 .. T-2, over known frames only
+            trio = smooth * (known[:-2] & known[1:-1] & known[2:])  # [T-2, N]
+            band[:-2, 0] += trio
+            band[1:-1, 0] += 4 * trio
+            band[2:, 0] += trio
+            band[1:-1, 1] -= 2 * trio
+            band[2:, 1] -= 2 * trio
+            band[2:, 2] += trio
         band[qt, 0, rows] += 1e6  # the query frame stays at the query
         rhs[qt, rows] += 1e6 * model[qt, rows]
         x = banded_cholesky_solve(band, rhs)

@@ -151,6 +151,8 @@ def test_refine_keeps_missing_frames_and_model_occlusion(tmp_path):
     occluded[0, 3] = True
     tracks, occ = refine_tracks(model, occluded, q, seq)
     assert np.isnan(tracks[0, 4:]).all() and np.isfinite(tracks[0, :4]).all()
+    # nothing (flow, acceleration) ties the shot's frames to the missing ones
+    np.testing.assert_allclose(tracks[0, :4], model[0, :4], **PIXELS)
     assert occ[0, 3] and not occ[0, 1]
     # a position refined outside the image is occluded (TAP-Vid's convention, as track_points)
     far = model.copy()
