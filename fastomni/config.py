@@ -95,7 +95,7 @@ class Config:
     query_frame_id: int = 0
     vis_occlusion: bool = True
     occlusion_th: float = 0.99
-    refine_interval: int = 0  # fastomni: 0: the model's tracks; k: refined on the flow within k frames (fastomni.refine)
+    refine_interval: int = 0  # fastomni: 0: the model's tracks; k: refined on the flow within k frames (refine.py)
     # logging
     i_print: int = 100  # steps between loss log lines
     i_img: int = 500  # steps between trajectory snapshots (vis/); 0: none
