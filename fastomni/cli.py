@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             torch.set_num_threads(previous[0])  # main() called in-process leaves no trace
             cv2.setNumThreads(previous[1])
+            from fastomni.distributed import leave
+
+            leave()  # a torchrun rank leaves the process group its command joined
     except KeyboardInterrupt as exc:
         print(f"{name}: {exc or 'interrupted'}", file=sys.stderr)
         return 130

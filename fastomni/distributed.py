@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "export_dense_sharded", "init_from_env", "pair_flows_sharded", "rank_generator", "shard",
+__all__ = ["Comm", "export_dense_sharded", "init_from_env", "leave", "pair_flows_sharded", "rank_generator", "shard",
            "sharded_iter_tracks"]
 
 
@@ -130,6 +130,9 @@ class Comm:
             p.grad = g.reshape(p.shape).clone() if touched > 0 else None
 
 
+_joined = False  # whether init_from_env created the default process group (leave() destroys it)
+
+
 def init_from_env(timeout: timedelta | None = None) -> Comm | None:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``): NCCL with one GPU per local rank when CUDA is available, else
@@ -140,6 +143,7 @@ def init_from_env(timeout: timedelta | None = None) -> Comm | None:
     if world_size <= 1:
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    global _joined
     if not dist.is_initialized():
         kw = {} if timeout is None else {"timeout": timeout}
         if torch.cuda.is_available():
@@ -147,7 +151,18 @@ def init_from_env(timeout: timedelta | None = None) -> Comm | None:
             dist.init_process_group("nccl", **kw)
         else:
             dist.init_process_group("gloo", **kw)
+        _joined = True
     return Comm(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def leave() -> None:
+    """Destroy the process group :func:`init_from_env` created, if it did (one created by the caller
+    is left alone), before the interpreter exits: left to the exit, gloo's threads can abort the
+    process ("terminate called without an active exception", seen once in a 2-rank test run)."""
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = False
 
 
 # -- sharded inference ----------------------------------------------------------------------------
