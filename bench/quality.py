@@ -99,28 +99,21 @@ def evaluate(video, tracks, occluded) -> dict:
 
 def model_queries(video, model_hw: tuple[int, int]) -> np.ndarray:
     """The clip's query points ``(t, y, x)`` in the model's pixels (as ``track_video`` maps them)."""
-    from fastomni.query import rescale_points
+    from fastomni.pipeline import queries_to_model
 
-    q = video.query_points.astype(np.float64).copy()
-    q[:, [2, 1]] = rescale_points(q[:, [2, 1]], video.frames.shape[1:3], model_hw)
-    q[:, 2], q[:, 1] = q[:, 2].clip(0, model_hw[1] - 1), q[:, 1].clip(0, model_hw[0] - 1)
-    return q
+    return queries_to_model(video.query_points, video.frames.shape[1:3], model_hw)
 
 
 def checkpoint_tracks(run_dir: str, path: str, video) -> tuple[np.ndarray, np.ndarray]:
     """Tracks of the clip's queries by the model of checkpoint ``path``, in the video's pixels
     (as :func:`fastomni.pipeline.track_video` makes them)."""
     from fastomni.optimize import load_run
-    from fastomni.pipeline import model_tracks
-    from fastomni.query import rescale_points
+    from fastomni.pipeline import model_tracks, tracks_to_video
 
     model, cfg, _ = load_run(run_dir, device="cpu", checkpoint=path)
-    h, w = video.frames.shape[1:3]
     q = model_queries(video, (model.h, model.w))
     tracks, occluded, _ = model_tracks(model, q, cfg, os.path.join(run_dir, "seq"))
-    tracks = rescale_points(tracks, (model.h, model.w), (h, w)).astype(np.float32)
-    tracks[np.arange(len(q)), video.query_points[:, 0].astype(np.int64)] = video.query_points[:, [2, 1]]
-    return tracks, occluded
+    return tracks_to_video(tracks, video.query_points, (model.h, model.w), video.frames.shape[1:3]), occluded
 
 
 def run_omnimotion(video, run_dir: str, cfg, progress: bool) -> dict:
@@ -159,8 +152,7 @@ def run_chained_refined(video, run_dir: str, cfg, progress: bool) -> dict:
     ``refine_interval``: metrics and stage times."""
     from fastomni.baseline import chained_flow_tracks
     from fastomni.io import load_video
-    from fastomni.pipeline import prepare_sequence
-    from fastomni.query import rescale_points
+    from fastomni.pipeline import prepare_sequence, tracks_to_video
     from fastomni.refine import refine_tracks
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -172,8 +164,7 @@ def run_chained_refined(video, run_dir: str, cfg, progress: bool) -> dict:
     q = model_queries(video, model_hw)
     tracks, occluded = chained_flow_tracks(load_video(os.path.join(seq_dir, "color")), q)
     tracks, occluded = refine_tracks(tracks, occluded, q, seq_dir, cfg.refine_interval)
-    tracks = rescale_points(tracks, model_hw, video.frames.shape[1:3]).astype(np.float32)
-    tracks[np.arange(len(q)), video.query_points[:, 0].astype(np.int64)] = video.query_points[:, [2, 1]]
+    tracks = tracks_to_video(tracks, video.query_points, model_hw, video.frames.shape[1:3])
     query = time.perf_counter() - t0
     return {"metrics": evaluate(video, tracks, occluded), "steps": 0,
             "timings": {"preprocess": pre, "optimize": 0.0, "query": query, "total": pre + query}}

@@ -27,8 +27,10 @@ from fastomni._atomic import write_atomic_text
 from fastomni.config import Config
 from fastomni.inputs import InputError, check_query_points, read_json
 from fastomni.optimize import optimize
+from fastomni.query import rescale_points
 
-__all__ = ["VIDEO_INFO_KEYS", "model_tracks", "prepare_sequence", "read_video_info", "track_video"]
+__all__ = ["VIDEO_INFO_KEYS", "model_tracks", "prepare_sequence", "queries_to_model", "read_video_info", "track_video",
+           "tracks_to_video"]
 
 VIDEO_INFO_KEYS = ("video_size", "model_size", "num_frames", "sha256")
 
@@ -86,6 +88,25 @@ def prepare_sequence(video, run_dir: str, cfg: Config, progress: bool = True, ma
     return seq_dir, info
 
 
+def queries_to_model(query_points, video_size, model_size) -> np.ndarray:
+    """Query points ``[N, 3]`` (t, y, x) in the video's pixels -> the model's (float64); a border
+    query stays on the border pixel."""
+    q = np.asarray(query_points, np.float64).copy()
+    q[:, [2, 1]] = rescale_points(q[:, [2, 1]], video_size, model_size)
+    q[:, 2] = q[:, 2].clip(0, model_size[1] - 1)
+    q[:, 1] = q[:, 1].clip(0, model_size[0] - 1)
+    return q
+
+
+def tracks_to_video(tracks, query_points, model_size, video_size) -> np.ndarray:
+    """Tracks ``[N, T, 2]`` in the model's pixels -> the video's (float32), each query's own frame
+    set to the query (``query_points [N, 3]`` (t, y, x), the video's pixels) exactly."""
+    q = np.asarray(query_points)
+    out = rescale_points(tracks, model_size, video_size).astype(np.float32)
+    out[np.arange(len(q)), q[:, 0].astype(np.int64)] = q[:, [2, 1]]
+    return out
+
+
 def model_tracks(model, query_points, cfg: Config, seq_dir: str, progress: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`fastomni.query.track_points` of ``query_points [N, 3]`` (t, y, x) in the model's pixels,
@@ -113,7 +134,7 @@ def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = Fal
     per stage).
     """
     from fastomni.io import check_frames, load_video
-    from fastomni.query import rescale_points, save_tracks
+    from fastomni.query import save_tracks
 
     timings = {}
     start = time.perf_counter()
@@ -126,13 +147,9 @@ def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = Fal
     timings["optimize"] = result.seconds
     start = time.perf_counter()
     video_size, model_size = tuple(info["video_size"]), tuple(info["model_size"])
-    q_model = q.copy()
-    q_model[:, [2, 1]] = rescale_points(q[:, [2, 1]], video_size, model_size)
-    q_model[:, 2] = q_model[:, 2].clip(0, model_size[1] - 1)  # a border query stays on the border pixel
-    q_model[:, 1] = q_model[:, 1].clip(0, model_size[0] - 1)
-    tracks, occluded, scores = model_tracks(result.model, q_model, cfg, seq_dir, progress)
-    tracks = rescale_points(tracks, model_size, video_size).astype(np.float32)
-    tracks[np.arange(len(q)), q[:, 0].astype(np.int64)] = q[:, [2, 1]]  # the query itself, exactly
+    tracks, occluded, scores = model_tracks(result.model, queries_to_model(q, video_size, model_size), cfg, seq_dir,
+                                            progress)
+    tracks = tracks_to_video(tracks, q, model_size, video_size)
     path = save_tracks(os.path.join(run_dir, "tracks.npz"), tracks, occluded, q, scores, video_size, half=half)
     timings["track"] = time.perf_counter() - start
     return {"path": path, "tracks": tracks, "occluded": occluded, "scores": scores, "timings": timings}

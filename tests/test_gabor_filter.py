@@ -62,6 +62,16 @@ def _assert_grads_close(got, want, dtype, names):
         torch.testing.assert_close(a, b, **TOLERANCES[dtype], msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def _assert_net_close(got, want, leaves, dtype, seed):
+    """A GaborNet's output and every leaf's gradient (for one random output gradient) against the
+    reference's."""
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(want)
+    want_g = torch.autograd.grad(want, leaves, grad, allow_unused=True)
+    got_g = torch.autograd.grad(got, leaves, grad, allow_unused=True)
+    _assert_grads_close(got_g, want_g, dtype, [f"leaf {i}" for i in range(len(leaves))])
+
+
 # (N, in, H, O, L, lin bias): no points, one point on a one-input net, primes, more than one
 # 1024-row chunk of the native backends, a single filter (L = 0), a feature_mlp-like net
 NET_SHAPES = [(0, 3, 8, 4, 2, True), (1, 1, 16, 3, 1, True), (13, 3, 17, 4, 3, False), (1031, 3, 11, 2, 2, True),
@@ -79,11 +89,7 @@ def test_net_matches_reference(backend, dtype, shape, recompute):
     want = ref.gabor_net(*params)
     with use_backend(backend):
         got = gabor_net(*params, recompute=recompute)
-    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
-    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(want)
-    want_g = torch.autograd.grad(want, leaves, grad, allow_unused=True)
-    got_g = torch.autograd.grad(got, leaves, grad, allow_unused=True)
-    _assert_grads_close(got_g, want_g, dtype, [f"leaf {i}" for i in range(len(leaves))])
+    _assert_net_close(got, want, leaves, dtype, seed=1)
 
 
 # the original's two GaborNets (N, in, H, O, L, lin bias): colour (512 wide) and feature (256 wide)
@@ -105,11 +111,7 @@ def test_full_width_net_matches_reference(backend, dtype, shape):
     else:
         with use_backend(backend):
             got = gabor_net(*params, recompute=True)
-    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
-    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(want)
-    want_g = torch.autograd.grad(want, leaves, grad, allow_unused=True)
-    got_g = torch.autograd.grad(got, leaves, grad, allow_unused=True)
-    _assert_grads_close(got_g, want_g, dtype, [f"leaf {i}" for i in range(len(leaves))])
+    _assert_net_close(got, want, leaves, dtype, seed=4)
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)

@@ -223,20 +223,18 @@ function togglePlay() {
   publish();
 }
 
+function loadImage(path, t) {
+  const img = new Image();
+  img.onload = function () { if (t === state.frame) draw(); };
+  img.onerror = function () { window.fastomniMissing(path); };
+  img.src = path;
+  return img;
+}
+
 function loadImages() {
   for (let t = 0; t < M.numFrames; t++) {
-    const img = new Image();
-    const path = "frames/" + pad(t) + ".jpg";
-    img.onload = function () { if (t === state.frame) draw(); };
-    img.onerror = function () { window.fastomniMissing(path); };
-    img.src = path;
-    frameImages.push(img);
-    const dimg = new Image();
-    const dpath = "depth/" + pad(t) + ".png";
-    dimg.onload = function () { if (t === state.frame) draw(); };
-    dimg.onerror = function () { window.fastomniMissing(dpath); };
-    dimg.src = dpath;
-    depthImages.push(dimg);
+    frameImages.push(loadImage("frames/" + pad(t) + ".jpg", t));
+    depthImages.push(loadImage("depth/" + pad(t) + ".png", t));
   }
 }
 
