@@ -36,10 +36,11 @@ def test_banded_cholesky_solve_matches_dense(t, k):
     np.testing.assert_allclose(banded_cholesky_solve(band, rhs), expected.transpose(1, 0, 2), **F64)
 
 
-def _sequence(folder, num, h, w, step=(1.0, 0.0), cycle=True, bad_frame=None):
+def _sequence(folder, num, h, w, step=(1.0, 0.0), cycle=True, bad_frame=None, frames=None):
     """A sequence whose flow a -> b is ``(b - a) * step`` everywhere (cycle-consistent unless
-    ``cycle`` is False); pairs into and out of ``bad_frame`` are off by 4 px."""
-    write_frames(np.zeros((num, h, w, 3), np.uint8), folder)
+    ``cycle`` is False); pairs into and out of ``bad_frame`` are off by 4 px. Black frames unless
+    ``frames [num, h, w, 3]`` uint8 are given."""
+    write_frames(np.zeros((num, h, w, 3), np.uint8) if frames is None else frames, folder)
     os.makedirs(os.path.join(folder, "raft_exhaustive"))
     os.makedirs(os.path.join(folder, "raft_masks"))
     for a in range(num):
@@ -141,6 +142,23 @@ def test_refine_flags_where_the_model_and_the_flow_disagree(tmp_path):
     assert not occ.any()
 
 
+def test_refine_flags_frames_where_the_track_changes_colour(tmp_path):
+    """A grey scene with a red block over the track's position at frame 3 (an occluder the flow
+    does not see): only that frame is flagged, and only while the block's colour change exceeds
+    ``max_color_change``."""
+    num, h, w = 6, 32, 32
+    frames = np.full((num, h, w, 3), 128, np.uint8)
+    frames[3, 10:22, 5:15] = (200, 30, 30)  # around the track's (x, y) = (10, 16) at frame 3
+    seq = _sequence(str(tmp_path / "seq"), num, h, w, frames=frames)
+    q = np.array([[0, 16.0, 7.0]])
+    truth = q[:, None, [2, 1]] + np.stack([np.arange(num), np.zeros(num)], -1)[None]
+    tracks, occ = refine_tracks(truth, np.zeros((1, num), bool), q, seq, max_color_change=40.0)
+    np.testing.assert_allclose(tracks, truth, **PIXELS)
+    assert occ[0, 3] and not occ[0, [0, 1, 2, 4, 5]].any()
+    _, occ = refine_tracks(truth, np.zeros((1, num), bool), q, seq, max_color_change=200.0)
+    assert not occ.any()
+
+
 def test_refine_keeps_missing_frames_and_model_occlusion(tmp_path):
     num = 6
     seq = _sequence(str(tmp_path / "seq"), num, 16, 16)
@@ -170,6 +188,8 @@ def test_refine_rejects_bad_input(tmp_path):
         refine_tracks(np.zeros((1, 5, 2)), np.zeros((1, 5), bool), q, seq)
     with pytest.raises(InputError, match="max_interval >= 1"):
         refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, max_interval=0)
+    with pytest.raises(InputError, match="max_color_change"):
+        refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, max_color_change=0.0)
 
 
 def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
