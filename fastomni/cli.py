@@ -58,12 +58,14 @@ def _default_preset() -> str:
     return "original" if torch.cuda.is_available() else "fast"
 
 
-def _config(args):
+def _config(args, defaults: dict | None = None):
+    """The command's config; ``defaults``: per preset name, the command's own values for some options
+    (above the preset, below a ``--config`` file and flags)."""
     from fastomni.config import config_from_args
 
     name = args.preset or _default_preset()
     with as_input_errors():
-        cfg = config_from_args(args, default_preset=name)
+        cfg = config_from_args(args, default_preset=name, defaults=(defaults or {}).get(name))
     if args.preset is None and not args.quiet:
         print(f"preset: {name} ({'GPU found' if name == 'original' else 'no GPU: the fast grid model on a CPU budget'}; "
               "--preset to choose)", file=sys.stderr)
@@ -260,9 +262,9 @@ def _cmd_tapvid(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from fastomni.demo import format_table, run_demo
+    from fastomni.demo import PRESET_DEFAULTS, format_table, run_demo
 
-    cfg = _config(args)
+    cfg = _config(args, PRESET_DEFAULTS)
     summary = run_demo(args.out, cfg, size=args.size, num_frames=args.num_frames, num_points=args.num_points,
                        seed=args.clip_seed, progress=not args.quiet)
     print(format_table(summary["metrics"]))

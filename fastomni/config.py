@@ -328,9 +328,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                help=f"(original preset: {default!r})")
 
 
-def config_from_args(args: argparse.Namespace, default_preset: str = "original") -> Config:
-    """The config of parsed ``args``: preset, then ``--config`` file, then the given flags."""
+def config_from_args(args: argparse.Namespace, default_preset: str = "original",
+                     defaults: dict[str, Any] | None = None) -> Config:
+    """The config of parsed ``args``: preset, then ``defaults`` (a command's own values for some
+    options), then ``--config`` file, then the given flags."""
     cfg = preset(args.preset or default_preset)
+    if defaults:
+        cfg = cfg.replace(**defaults)
     if getattr(args, "config", None):
         cfg = load_config(args.config, cfg)
     flags = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}

@@ -20,12 +20,10 @@ solved again, ``iterations`` times (a fixed-point iteration; each solve is a ban
 bandwidth ``max(max_interval, 2)``, solved by a batched banded Cholesky over the points).
 
 Occlusion: the model's flag; or the median residual of the cycle-consistent flows into and out of
-the frame above ``residual_th`` pixels (the flows cannot agree on the position); or a refined
-position more than ``max_disagreement`` pixels from the model's (the flow and the model disagree,
-and one of them has lost the point); or a colour at the refined position (frames blurred with a
-Gaussian of sigma ``COLOR_SIGMA`` px) more than ``max_color_change`` (RGB distance, 0-255) from
-the query's (the track sits on another surface: an occluder, or the surface it was lost to). A
-lost track reported visible is a false positive for
+the frame above ``residual_th`` pixels (the flows cannot agree on the position); or a colour at the
+refined position (frames blurred with a Gaussian of sigma ``COLOR_SIGMA`` px) more than
+``max_color_change`` (RGB distance, 0-255) from the query's (the track sits on another surface: an
+occluder, or the surface it was lost to). A lost track reported visible is a false positive for
 TAP-Vid's metrics; reported occluded, it costs only occlusion accuracy. Non-finite positions
 (frames of another shot) stay non-finite. Flows across a shot cut do not exist, so no edge
 crosses one.
@@ -87,15 +85,17 @@ def banded_cholesky_solve(band: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def _frame_paths(seq_dir: str, num_frames: int) -> list[str]:
+    """The ``num_frames`` frame files of ``seq_dir/color``, in order; raises when there are others."""
     paths = frame_files(os.path.join(seq_dir, "color"))
     if len(paths) != num_frames:
         raise InputError(f"{seq_dir} holds {len(paths)} frames but the tracks have {num_frames}")
     return paths
 
 
-def _flow_pairs(seq_dir: str, num_frames: int, max_interval: int) -> list[tuple[int, int, str, str]]:
+def _flow_pairs(seq_dir: str, frame_paths: list[str], max_interval: int) -> list[tuple[int, int, str, str]]:
     """``(a, b, flow path, mask path)`` of every stored pair with ``0 < |a - b| <= max_interval``."""
-    names = [os.path.basename(p) for p in _frame_paths(seq_dir, num_frames)]
+    names = [os.path.basename(p) for p in frame_paths]
+    num_frames = len(names)
     pairs = []
     for a in range(num_frames):
         for b in range(max(0, a - max_interval), min(num_frames, a + max_interval + 1)):
@@ -122,7 +122,7 @@ def track_colors(frame_paths: list[str], x: np.ndarray) -> np.ndarray:
 
 def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: int = 4, prior: float = 0.005,
                   huber: float = 1.0, iterations: int = 6, residual_th: float = 1.0,
-                  max_disagreement: float = 4.0, smooth: float = 0.5, max_color_change: float = 40.0,
+                  smooth: float = 0.5, max_color_change: float = 40.0,
                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Refine ``tracks [N, T, 2]`` (x, y) pixels at the resolution of ``seq_dir``'s frames, with
     ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), against ``seq_dir``'s filtered
@@ -135,12 +135,13 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
         raise InputError(f"tracks [N, T, 2], occluded [N, T] and query_points [N, 3] expected, got "
                          f"{tracks.shape}, {occluded.shape} and {q.shape}")
     if (max_interval < 1 or iterations < 1
-            or not min(prior, huber, residual_th, max_disagreement, max_color_change) > 0 or not smooth >= 0):
-        raise InputError("refine_tracks needs max_interval >= 1, iterations >= 1, positive prior, huber, residual_th, "
-                         f"max_disagreement and max_color_change and smooth >= 0; got {max_interval}, {iterations}, "
-                         f"{prior}, {huber}, {residual_th}, {max_disagreement}, {max_color_change}, {smooth}")
+            or not min(prior, huber, residual_th, max_color_change) > 0 or not smooth >= 0):
+        raise InputError("refine_tracks needs max_interval >= 1, iterations >= 1, positive prior, huber, residual_th "
+                         f"and max_color_change and smooth >= 0; got {max_interval}, {iterations}, {prior}, {huber}, "
+                         f"{residual_th}, {max_color_change}, {smooth}")
     n, t = occluded.shape
-    pairs = _flow_pairs(seq_dir, t, max_interval)
+    frame_paths = _frame_paths(seq_dir, t)
+    pairs = _flow_pairs(seq_dir, frame_paths, max_interval)
     if not pairs:
         return tracks.astype(np.float32), occluded.copy()
     h, w = np.load(pairs[0][2], mmap_mode="r").shape[:2]
@@ -201,10 +202,9 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     median = 0.5 * (np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, 1)
                     + np.take_along_axis(ordered, count // 2, 1))[:, 0]
     outside = (x[..., 0] < 0) | (x[..., 0] > w - 1) | (x[..., 1] < 0) | (x[..., 1] > h - 1)
-    disagree = np.linalg.norm(x - model, axis=-1) > max_disagreement
-    colors = track_colors(_frame_paths(seq_dir, t), x)
+    colors = track_colors(frame_paths, x)
     recolored = np.linalg.norm(colors - colors[qt, rows][None], axis=-1) > max_color_change
-    out_occluded = occluded | (outside | disagree | recolored | (count[:, 0] > 0) & (median > residual_th)).T
+    out_occluded = occluded | (outside | recolored | (count[:, 0] > 0) & (median > residual_th)).T
     out_occluded[rows, qt] = False
     x[~known] = np.nan
     return x.transpose(1, 0, 2).astype(np.float32), out_occluded

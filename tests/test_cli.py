@@ -12,7 +12,9 @@ import pytest
 
 from test_sampler import make_sequence
 
-from fastomni.cli import build_parser, default_threads, main
+from fastomni.cli import _config, build_parser, default_threads, main
+from fastomni.config import preset
+from fastomni.demo import PRESET_DEFAULTS
 from fastomni.io import write_video
 from fastomni.metrics import evaluate
 from fastomni.query import load_tracks, save_tracks
@@ -129,6 +131,20 @@ def test_demo(tmp_path, capsys):
     assert set(summary["metrics"]) == {"omnimotion", "chained_flow"}
     for name in ("trails.mp4", "tracks.npz", "baseline_tracks.npz", "data/gt.npz"):
         assert (tmp_path / "demo" / name).exists()
+
+
+def test_demo_steps_per_preset_yield_to_flags_and_config_files(tmp_path):
+    """The demo's own step count for the fast preset (fastomni.demo.PRESET_DEFAULTS) sits above the
+    preset and below a config file and the flags; other presets keep theirs."""
+    def steps(*extra):
+        return _config(build_parser().parse_args(["demo", "--out", str(tmp_path), "--quiet", *extra]),
+                       PRESET_DEFAULTS).num_iters
+
+    assert steps("--preset", "fast") == PRESET_DEFAULTS["fast"]["num_iters"] != preset("fast").num_iters
+    assert steps("--preset", "fast", "--num_iters", "7") == 7
+    (tmp_path / "c.txt").write_text("num_iters = 5\n")
+    assert steps("--preset", "fast", "--config", str(tmp_path / "c.txt")) == 5
+    assert steps("--preset", "cpu") == preset("cpu").num_iters
 
 
 @pytest.mark.parametrize("argv, msg", [
