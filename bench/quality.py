@@ -11,7 +11,7 @@ Systems per clip, each run through what a user runs (:func:`fastomni.pipeline.tr
 
 * ``chained``: :func:`fastomni.baseline.chained_flow_tracks` at the clip's resolution;
 * ``chained_refined``: no OmniMotion: the fast preset's preprocessing, chained flow on its stored
-  frames, and its refinement (:func:`fastomni.refine.refine_tracks`) started from and anchored to
+  frames, and its refinement (:func:`fastomni.refine.refiner`) started from and anchored to
   the chain instead of a model (what the refinement alone is worth);
 * ``fast``: ``preset("fast")`` with ``num_iters`` times ``--budget-scale``;
 * ``fast2x``: the same with twice the steps;
@@ -153,7 +153,7 @@ def run_chained_refined(video, run_dir: str, cfg, progress: bool) -> dict:
     from fastomni.baseline import chained_flow_tracks
     from fastomni.io import load_video
     from fastomni.pipeline import prepare_sequence, tracks_to_video
-    from fastomni.refine import refine_tracks
+    from fastomni.refine import refiner
 
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def run_chained_refined(video, run_dir: str, cfg, progress: bool) -> dict:
     model_hw = tuple(info["model_size"])
     q = model_queries(video, model_hw)
     tracks, occluded = chained_flow_tracks(load_video(os.path.join(seq_dir, "color")), q)
-    tracks, occluded = refine_tracks(tracks, occluded, q, seq_dir, cfg.refine_interval)
+    tracks, occluded = refiner(seq_dir, cfg)(tracks, occluded, q)
     tracks = tracks_to_video(tracks, video.query_points, model_hw, video.frames.shape[1:3])
     query = time.perf_counter() - t0
     return {"metrics": evaluate(video, tracks, occluded), "steps": 0,

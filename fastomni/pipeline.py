@@ -113,13 +113,13 @@ def model_tracks(model, query_points, cfg: Config, seq_dir: str, progress: bool 
     then, when ``cfg.refine_interval`` is set, :func:`fastomni.refine.refine_tracks` against
     ``seq_dir``'s flow. Returns ``(tracks [N, T, 2], occluded [N, T], scores [N, T])``, model pixels."""
     from fastomni.query import track_points
-    from fastomni.refine import refine_tracks
+    from fastomni.refine import refiner
 
     tracks, occluded, scores = track_points(model, query_points, cfg.use_max_loc, cfg.occlusion_th, cfg.chunk_size,
                                             progress=progress)
-    if cfg.refine_interval:
-        tracks, occluded = refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval,
-                                         progress=progress)
+    refine = refiner(seq_dir, cfg)
+    if refine is not None:
+        tracks, occluded = refine(tracks, occluded, query_points, progress=progress)
     return tracks, occluded, scores
 
 

@@ -47,7 +47,7 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_files
 from fastomni.preprocess import edge_sample
 
-__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "refine_tracks", "run_refiner", "track_colors"]
+__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "refine_tracks", "refiner", "run_refiner", "track_colors"]
 
 COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
 
@@ -210,9 +210,20 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     return x.transpose(1, 0, 2).astype(np.float32), out_occluded
 
 
+def refiner(seq_dir: str, cfg):
+    """:func:`refine_tracks` bound to ``seq_dir`` and ``cfg.refine_interval``, as
+    ``refine(tracks, occluded, query_points, progress=False)``; None when the config does not refine."""
+    if not cfg.refine_interval:
+        return None
+
+    def refine(tracks, occluded, query_points, progress: bool = False):
+        return refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval, progress=progress)
+
+    return refine
+
+
 def run_refiner(run_dir: str, cfg):
-    """:func:`refine_tracks` bound to a run's sequence folder (``RUN/seq``, else the config's
-    ``data_dir``) and ``cfg.refine_interval``, as ``refine(tracks, occluded, query_points)``; None
+    """:func:`refiner` of a run's sequence folder (``RUN/seq``, else the config's ``data_dir``); None
     when the config does not refine. Raises :class:`InputError` when the folder is not there."""
     if not cfg.refine_interval:
         return None
@@ -221,8 +232,4 @@ def run_refiner(run_dir: str, cfg):
         raise InputError(f"{run_dir}'s config refines tracks on its flow (refine_interval {cfg.refine_interval}) but "
                          f"its sequence folder is not there ({os.path.join(run_dir, 'seq')} or {cfg.data_dir!r}); "
                          "--no_refine exports the model's tracks as they are")
-
-    def refine(tracks, occluded, query_points):
-        return refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval)
-
-    return refine
+    return refiner(seq_dir, cfg)
