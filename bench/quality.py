@@ -11,8 +11,8 @@ Systems per clip, each run through what a user runs (:func:`fastomni.pipeline.tr
 
 * ``chained``: :func:`fastomni.baseline.chained_flow_tracks` at the clip's resolution;
 * ``chained_refined``: no OmniMotion: the fast preset's preprocessing, chained flow on its stored
-  frames, and its refinement (:func:`fastomni.refine.refiner`) started from and anchored to
-  the chain instead of a model (what the refinement alone is worth);
+  frames, and its refinement and re-finding (:func:`fastomni.refine.refiner`) started from and
+  anchored to the chain instead of a model (what those stages alone are worth);
 * ``fast``: ``preset("fast")`` with ``num_iters`` times ``--budget-scale``;
 * ``fast2x``: the same with twice the steps;
 * ``original``: ``preset("cpu")`` (the original networks) given the wall time ``fast`` took: a probe
@@ -149,7 +149,7 @@ def run_omnimotion(video, run_dir: str, cfg, progress: bool) -> dict:
 
 def run_chained_refined(video, run_dir: str, cfg, progress: bool) -> dict:
     """The ``chained_refined`` system (module docstring) with ``cfg``'s preprocessing and
-    ``refine_interval``: metrics and stage times."""
+    refinement stages: metrics and stage times."""
     from fastomni.baseline import chained_flow_tracks
     from fastomni.io import load_video
     from fastomni.pipeline import prepare_sequence, tracks_to_video

@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score occlusion with the per-point ray in the target frame (slow) instead of the per-frame "
                         "occlusion tables (cached in RUN/tables_STEP/)")
     p.add_argument("--no_refine", action="store_true",
-                   help="the model's tracks as they are, without the refinement on the run's flow that its config "
-                        "asks for (refine_interval, the fast preset's last stage)")
+                   help="the model's tracks as they are, without the refinement on the run's flow and the re-finding "
+                        "after occlusions that its config asks for (refine_interval, refind_radius: the fast preset's "
+                        "last stages)")
 
     p = command("view", _cmd_view, "write a static browser viewer of the complete field (open OUT/index.html)")
     p.add_argument("source", metavar="RUN_or_EXPORT",
