@@ -47,7 +47,7 @@ import numpy as np
 
 from fastomni.inputs import InputError
 from fastomni.preprocess import edge_sample
-from fastomni.refine import COLOR_SIGMA
+from fastomni.refine import color_blur
 
 __all__ = ["FrameFeatures", "refind_lost"]
 
@@ -80,7 +80,7 @@ class FrameFeatures:
     def color(self, t: int) -> np.ndarray:
         """Frame ``t`` blurred as by the refinement's colour test, float32 ``[H, W, 3]``."""
         if self.colors[t] is None:
-            self.colors[t] = cv2.GaussianBlur(self.frames[t].astype(np.float32), (0, 0), COLOR_SIGMA)
+            self.colors[t] = color_blur(self.frames[t])
         return self.colors[t]
 
     def gray(self, t: int) -> np.ndarray:

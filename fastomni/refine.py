@@ -48,7 +48,8 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_files
 from fastomni.preprocess import edge_sample
 
-__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "refine_tracks", "refiner", "run_refiner", "track_colors"]
+__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "color_blur", "refine_tracks", "refiner", "run_refiner",
+           "track_colors"]
 
 COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
 
@@ -107,6 +108,11 @@ def _flow_pairs(seq_dir: str, frame_paths: list[str], max_interval: int) -> list
     return pairs
 
 
+def color_blur(image: np.ndarray) -> np.ndarray:
+    """``image [H, W, 3]`` as the colour test reads it: float32, blurred by :data:`COLOR_SIGMA`."""
+    return cv2.GaussianBlur(image.astype(np.float32), (0, 0), COLOR_SIGMA)
+
+
 def track_colors(frame_paths: list[str], x: np.ndarray) -> np.ndarray:
     """Colours ``[T, N, 3]`` (0-255, the files' channel order) of positions ``x [T, N, 2]`` (pixels;
     clamped to the image, non-finite read as 0) in frames ``frame_paths`` blurred by
@@ -116,8 +122,7 @@ def track_colors(frame_paths: list[str], x: np.ndarray) -> np.ndarray:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise InputError(f"cannot read frame {path}")
-        blurred = cv2.GaussianBlur(image.astype(np.float32), (0, 0), COLOR_SIGMA)
-        out[f] = edge_sample(blurred, np.nan_to_num(x[f]).astype(np.float32))
+        out[f] = edge_sample(color_blur(image), np.nan_to_num(x[f]).astype(np.float32))
     return out
 
 
