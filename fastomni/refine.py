@@ -48,13 +48,10 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_files
 from fastomni.preprocess import edge_sample
 
-__all__ = ["COLOR_SIGMA", "STRICT_COLOR_CHANGE", "banded_cholesky_solve", "color_blur", "refine_tracks", "refiner",
-           "run_refiner", "track_colors"]
+__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "color_blur", "refine_tracks", "refiner", "run_refiner",
+           "track_colors"]
 
 COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
-# The colour test's threshold when fastomni.refind follows: a frame it flags wrongly gets a second
-# chance there, so a stricter test pays (docs/fast-preset.md, round 5; 40, the default, without it)
-STRICT_COLOR_CHANGE = 20.0
 
 
 def banded_cholesky_solve(band: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -222,20 +219,18 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
 def refiner(seq_dir: str, cfg):
     """:func:`refine_tracks` bound to ``seq_dir`` and ``cfg.refine_interval``, then, when
     ``cfg.refind_radius`` is set, :func:`fastomni.refind.refind_lost` with that radius (one
-    :class:`~fastomni.refind.FrameFeatures` of the sequence for every call) after a refinement with
-    the colour test at :data:`STRICT_COLOR_CHANGE`, as ``refine(tracks, occluded, query_points,
-    progress=False)``; None when the config does not refine."""
+    :class:`~fastomni.refind.FrameFeatures` of the sequence for every call), as
+    ``refine(tracks, occluded, query_points, progress=False)``; None when the config does not refine."""
     if not cfg.refine_interval:
         return None
     from fastomni.io import load_video
     from fastomni.refind import FrameFeatures, refind_lost
 
     features = FrameFeatures(load_video(os.path.join(seq_dir, "color"))) if cfg.refind_radius else None
-    color = {} if features is None else {"max_color_change": STRICT_COLOR_CHANGE}
 
     def refine(tracks, occluded, query_points, progress: bool = False):
         tracks, occluded = refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval,
-                                         progress=progress, **color)
+                                         progress=progress)
         if features is None:
             return tracks, occluded
         return refind_lost(tracks, occluded, query_points, features, cfg.refind_radius)

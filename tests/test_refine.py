@@ -11,7 +11,7 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_name, load_video, write_frames
 from fastomni.config import preset
 from fastomni.refind import FrameFeatures, refind_lost
-from fastomni.refine import STRICT_COLOR_CHANGE, banded_cholesky_solve, refine_tracks, run_refiner
+from fastomni.refine import banded_cholesky_solve, refine_tracks, run_refiner
 
 F64 = TOLERANCES[__import__("torch").float64]
 PIXELS = TOLERANCES["float32_pixels"]
@@ -191,12 +191,10 @@ def test_refine_rejects_bad_input(tmp_path):
         refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, max_color_change=0.0)
 
 
-def _fast_stages(tracks, occluded, q, seq):
-    """The fast preset's stages after the model on ``seq``: the refinement with the strict colour
-    test, then the re-finding (fastomni.refind)."""
-    refined = refine_tracks(tracks, occluded, q, seq, 4, max_color_change=STRICT_COLOR_CHANGE)
+def _refound(tracks, occluded, q, seq):
+    """The fast preset's stage after the refinement (fastomni.refind) on ``seq``'s frames."""
     features = FrameFeatures(load_video(os.path.join(seq, "color")))
-    return refind_lost(*refined, q, features, preset("fast").refind_radius)
+    return refind_lost(tracks, occluded, q, features, preset("fast").refind_radius)
 
 
 def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
@@ -209,10 +207,10 @@ def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
     q = np.array([[0, 8.0, 4.0]])
     model = q[:, None, [2, 1]] + np.stack([np.arange(num), np.zeros(num)], -1)[None] + 0.3
     seq = str(tmp_path / "seq")
-    none = np.zeros((1, num), bool)
-    for got, want in ((run_refiner(str(tmp_path), cfg)(model, none, q), _fast_stages(model, none, q, seq)),
-                      (run_refiner(str(tmp_path), cfg.replace(refind_radius=0.0))(model, none, q),
-                       refine_tracks(model, none, q, seq, cfg.refine_interval))):
+    refined = refine_tracks(model, np.zeros((1, num), bool), q, seq, cfg.refine_interval)
+    for got, want in ((run_refiner(str(tmp_path), cfg)(model, np.zeros((1, num), bool), q), _refound(*refined, q, seq)),
+                      (run_refiner(str(tmp_path), cfg.replace(refind_radius=0.0))(model, np.zeros((1, num), bool), q),
+                       refined)):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
 
@@ -233,6 +231,6 @@ def test_fast_track_video_stores_png_and_refines(tmp_path):
     assert run_cfg.refine_interval == cfg.refine_interval == 4
     q = video.query_points.astype(np.float64)
     raw, raw_occluded, _ = model_tracks(model, q, run_cfg.replace(refine_interval=0), seq)
-    want, want_occluded = _fast_stages(raw, raw_occluded, q, seq)
+    want, want_occluded = _refound(*refine_tracks(raw, raw_occluded, q, seq, 4), q, seq)
     np.testing.assert_allclose(out["tracks"], want, **PIXELS)
     np.testing.assert_array_equal(out["occluded"], want_occluded)
