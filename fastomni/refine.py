@@ -113,26 +113,37 @@ def color_blur(image: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(image.astype(np.float32), (0, 0), COLOR_SIGMA)
 
 
-def track_colors(frame_paths: list[str], x: np.ndarray) -> np.ndarray:
-    """Colours ``[T, N, 3]`` (0-255, the files' channel order) of positions ``x [T, N, 2]`` (pixels;
-    clamped to the image, non-finite read as 0) in frames ``frame_paths`` blurred by
-    :data:`COLOR_SIGMA`; one frame in memory at a time."""
-    out = np.empty(x.shape[:2] + (3,), np.float32)
-    for f, path in enumerate(frame_paths):
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
+def _read_color_blur(frame_paths: list[str]):
+    """``t -> color_blur`` of the file ``frame_paths[t]`` (its channel order), read on each call."""
+    def color_frame(f: int) -> np.ndarray:
+        image = cv2.imread(frame_paths[f], cv2.IMREAD_COLOR)
         if image is None:
-            raise InputError(f"cannot read frame {path}")
-        out[f] = edge_sample(color_blur(image), np.nan_to_num(x[f]).astype(np.float32))
+            raise InputError(f"cannot read frame {frame_paths[f]}")
+        return color_blur(image)
+
+    return color_frame
+
+
+def track_colors(color_frame, x: np.ndarray) -> np.ndarray:
+    """Colours ``[T, N, 3]`` (0-255) of positions ``x [T, N, 2]`` (pixels; clamped to the image,
+    non-finite read as 0) in the frames ``color_frame(t)`` (``[H, W, 3]``, blurred by
+    :func:`color_blur`), one frame at a time."""
+    out = np.empty(x.shape[:2] + (3,), np.float32)
+    for f in range(len(x)):
+        out[f] = edge_sample(color_frame(f), np.nan_to_num(x[f]).astype(np.float32))
     return out
 
 
 def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: int = 4, prior: float = 0.005,
                   huber: float = 1.0, iterations: int = 6, residual_th: float = 1.0,
-                  smooth: float = 0.5, max_color_change: float = 40.0,
+                  smooth: float = 0.5, max_color_change: float = 40.0, color_frame=None,
                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Refine ``tracks [N, T, 2]`` (x, y) pixels at the resolution of ``seq_dir``'s frames, with
     ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), against ``seq_dir``'s filtered
-    flow (see the module docstring). Returns ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
+    flow (see the module docstring). ``color_frame``: ``t ->`` frame ``t`` blurred by
+    :func:`color_blur` for the colour test (a cache such as
+    :meth:`fastomni.refind.FrameFeatures.color`); default: read from ``seq_dir``'s files on each
+    call. Returns ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
     """
     tracks = np.asarray(tracks, np.float64)
     occluded = np.asarray(occluded, bool)
@@ -208,7 +219,7 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     median = 0.5 * (np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, 1)
                     + np.take_along_axis(ordered, count // 2, 1))[:, 0]
     outside = (x[..., 0] < 0) | (x[..., 0] > w - 1) | (x[..., 1] < 0) | (x[..., 1] > h - 1)
-    colors = track_colors(frame_paths, x)
+    colors = track_colors(color_frame or _read_color_blur(frame_paths), x)
     recolored = np.linalg.norm(colors - colors[qt, rows][None], axis=-1) > max_color_change
     out_occluded = occluded | (outside | recolored | (count[:, 0] > 0) & (median > residual_th)).T
     out_occluded[rows, qt] = False
@@ -219,7 +230,8 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
 def refiner(seq_dir: str, cfg):
     """:func:`refine_tracks` bound to ``seq_dir`` and ``cfg.refine_interval``, then, when
     ``cfg.refind_radius`` is set, :func:`fastomni.refind.refind_lost` with that radius (one
-    :class:`~fastomni.refind.FrameFeatures` of the sequence for every call), as
+    :class:`~fastomni.refind.FrameFeatures` of the sequence for every call, whose blurred frames the
+    refinement's colour test reads too), as
     ``refine(tracks, occluded, query_points, progress=False)``; None when the config does not refine."""
     if not cfg.refine_interval:
         return None
@@ -230,7 +242,7 @@ def refiner(seq_dir: str, cfg):
 
     def refine(tracks, occluded, query_points, progress: bool = False):
         tracks, occluded = refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval,
-                                         progress=progress)
+                                         color_frame=None if features is None else features.color, progress=progress)
         if features is None:
             return tracks, occluded
         return refind_lost(tracks, occluded, query_points, features, cfg.refind_radius)
