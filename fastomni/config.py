@@ -97,6 +97,7 @@ class Config:
     occlusion_th: float = 0.99
     refine_interval: int = 0  # fastomni: 0: the model's tracks; k: refined on the flow within k frames (refine.py)
     refind_radius: float = 0.0  # fastomni: 0: off; r: lost points re-found by feature matches within r px (refind.py)
+    align_radius: int = 0  # fastomni: 0: off; r: visible positions aligned to the query's patch of radius r px (subpixel.py)
     # logging
     i_print: int = 100  # steps between loss log lines
     i_img: int = 500  # steps between trajectory snapshots (vis/); 0: none
@@ -114,7 +115,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("i_print", "i_img", "i_weight", "i_cache", "max_side", "grad_clip", "max_padding", "pair_near",
-                     "refine_interval", "refind_radius"):
+                     "refine_interval", "refind_radius", "align_radius"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_feature", "lr_deform", "lr_color", "lrate_decay_factor"):
@@ -166,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_feature": 1e-2, "lr_deform": 1e-2, "lr_color": 1e-2, "lrate_decay_steps": 600,
         "use_error_map": False, "use_affine": False, "i_print": 100, "i_img": 0, "i_weight": 600, "i_cache": 600,
         "chunk_size": 4096, "device": "cpu", "frame_format": "png", "refine_interval": 4,
-        "refind_radius": 24.0,
+        "refind_radius": 24.0, "align_radius": 4,
     },
 }
 

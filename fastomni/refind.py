@@ -49,7 +49,7 @@ from fastomni.inputs import InputError
 from fastomni.preprocess import edge_sample
 from fastomni.refine import color_blur
 
-__all__ = ["FrameFeatures", "refind_lost"]
+__all__ = ["FrameFeatures", "patch_ncc", "refind_lost", "warped_patches"]
 
 UPSAMPLE = 2.0  # SIFT runs on frames upsampled this many times
 MAX_KEYPOINTS = 2000  # per frame (bounds memory and matching time on large frames)
@@ -114,7 +114,7 @@ class FrameFeatures:
         return self.pairs[(a, b)]
 
 
-def _patches(image: np.ndarray, centers: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+def warped_patches(image: np.ndarray, centers: np.ndarray, transforms: np.ndarray) -> np.ndarray:
     """Patches ``[K, 2P+1, 2P+1]`` of ``image`` at ``transforms [K, 2, 3]`` applied to the pixel grid
     of radius :data:`PATCH` around ``centers [K, 2]`` (bilinear, edges reflected)."""
     side = 2 * PATCH + 1
@@ -128,7 +128,7 @@ def _patches(image: np.ndarray, centers: np.ndarray, transforms: np.ndarray) -> 
     return np.concatenate(out).reshape(-1, side, side)
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def patch_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Normalised cross-correlation of patches ``[K, ...]`` pairwise, ``[K]``."""
     a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
     b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
@@ -184,7 +184,8 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
             if not len(rows):
                 continue
             same = np.broadcast_to(np.eye(2, 3), fits.shape)
-            score = _ncc(_patches(features.gray(a), anchor[rows], same), _patches(features.gray(t), anchor[rows], fits))
+            score = patch_ncc(warped_patches(features.gray(a), anchor[rows], same),
+                              warped_patches(features.gray(t), anchor[rows], fits))
             color = edge_sample(features.color(t), found.astype(np.float32))
             change = np.linalg.norm(color - query_color[np.searchsorted(own, rows)], axis=1)
             seen = (score >= min_ncc) & (change <= max_color_change)

@@ -1,5 +1,5 @@
 """Refine a model's tracks against the preprocessed pairwise flow (the fast preset's first stage
-after the model; :mod:`fastomni.refind` follows it).
+after the model; :mod:`fastomni.refind` and :mod:`fastomni.subpixel` follow it).
 
 A model trained for minutes takes frame-to-frame steps 2-3x less precise than the optical flow it
 was fitted to (the rotation clip of docs/fast-preset.md: a median error of 0.20 px at one frame
@@ -228,24 +228,29 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
 
 
 def refiner(seq_dir: str, cfg):
-    """:func:`refine_tracks` bound to ``seq_dir`` and ``cfg.refine_interval``, then, when
-    ``cfg.refind_radius`` is set, :func:`fastomni.refind.refind_lost` with that radius (one
+    """:func:`refine_tracks` bound to ``seq_dir`` and ``cfg.refine_interval``, then, when set,
+    :func:`fastomni.refind.refind_lost` with ``cfg.refind_radius`` and
+    :func:`fastomni.subpixel.align_to_query` with ``cfg.align_radius`` (one
     :class:`~fastomni.refind.FrameFeatures` of the sequence for every call, whose blurred frames the
-    refinement's colour test reads too), as
-    ``refine(tracks, occluded, query_points, progress=False)``; None when the config does not refine."""
+    refinement's colour test reads too), as ``refine(tracks, occluded, query_points, progress=False)``;
+    None when the config does not refine."""
     if not cfg.refine_interval:
         return None
     from fastomni.io import load_video
     from fastomni.refind import FrameFeatures, refind_lost
+    from fastomni.subpixel import align_to_query
 
-    features = FrameFeatures(load_video(os.path.join(seq_dir, "color"))) if cfg.refind_radius else None
+    features = (FrameFeatures(load_video(os.path.join(seq_dir, "color")))
+                if cfg.refind_radius or cfg.align_radius else None)
 
     def refine(tracks, occluded, query_points, progress: bool = False):
         tracks, occluded = refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval,
                                          color_frame=None if features is None else features.color, progress=progress)
-        if features is None:
-            return tracks, occluded
-        return refind_lost(tracks, occluded, query_points, features, cfg.refind_radius)
+        if cfg.refind_radius:
+            tracks, occluded = refind_lost(tracks, occluded, query_points, features, cfg.refind_radius)
+        if cfg.align_radius:
+            tracks = align_to_query(tracks, occluded, query_points, features, cfg.align_radius)
+        return tracks, occluded
 
     return refine
 

@@ -12,6 +12,7 @@ from fastomni.io import frame_name, load_video, write_frames
 from fastomni.config import preset
 from fastomni.refind import FrameFeatures, refind_lost
 from fastomni.refine import banded_cholesky_solve, refine_tracks, run_refiner
+from fastomni.subpixel import align_to_query
 
 F64 = TOLERANCES[__import__("torch").float64]
 PIXELS = TOLERANCES["float32_pixels"]
@@ -192,9 +193,11 @@ def test_refine_rejects_bad_input(tmp_path):
 
 
 def _refound(tracks, occluded, q, seq):
-    """The fast preset's stage after the refinement (fastomni.refind) on ``seq``'s frames."""
-    features = FrameFeatures(load_video(os.path.join(seq, "color")))
-    return refind_lost(tracks, occluded, q, features, preset("fast").refind_radius)
+    """The fast preset's stages after the refinement (fastomni.refind, then fastomni.subpixel) on
+    ``seq``'s frames."""
+    cfg, features = preset("fast"), FrameFeatures(load_video(os.path.join(seq, "color")))
+    tracks, occluded = refind_lost(tracks, occluded, q, features, cfg.refind_radius)
+    return align_to_query(tracks, occluded, q, features, cfg.align_radius), occluded
 
 
 def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
@@ -209,7 +212,7 @@ def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
     seq = str(tmp_path / "seq")
     refined = refine_tracks(model, np.zeros((1, num), bool), q, seq, cfg.refine_interval)
     for got, want in ((run_refiner(str(tmp_path), cfg)(model, np.zeros((1, num), bool), q), _refound(*refined, q, seq)),
-                      (run_refiner(str(tmp_path), cfg.replace(refind_radius=0.0))(model, np.zeros((1, num), bool), q),
+                      (run_refiner(str(tmp_path), cfg.replace(refind_radius=0.0, align_radius=0))(model, np.zeros((1, num), bool), q),
                        refined)):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
