@@ -127,7 +127,7 @@ def _cmd_export(args) -> int:
     from fastomni.query import export_dense
 
     from fastomni.field import OcclusionTables, export_field
-    from fastomni.refine import run_refiner
+    from fastomni.refine import refiner_settings, run_refiner
 
     from fastomni.distributed import export_dense_sharded, init_from_env
 
@@ -150,7 +150,7 @@ def _cmd_export(args) -> int:
         out = args.out or os.path.join(args.run, "field")
         export_field(model, out, tables, use_max_loc=cfg.use_max_loc, occlusion_th=cfg.occlusion_th, half=args.half,
                      chunk_size=cfg.chunk_size, scale_to=scale_to, exact_occlusion=args.exact_occlusion,
-                     progress=not args.quiet, refine=refine, refine_interval=cfg.refine_interval)
+                     progress=not args.quiet, refine=refine, refine_settings=refiner_settings(cfg))
     else:
         out = args.out or os.path.join(args.run, f"dense_{qf:05d}.npz")
         if comm is not None:  # ranks share the exact per-point occlusion ray (no tables)
@@ -354,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score occlusion with the per-point ray in the target frame (slow) instead of the per-frame "
                         "occlusion tables (cached in RUN/tables_STEP/)")
     p.add_argument("--no_refine", action="store_true",
-                   help="the model's tracks as they are, without the refinement on the run's flow and the re-finding "
-                        "after occlusions that its config asks for (refine_interval, refind_radius: the fast preset's "
-                        "last stages)")
+                   help="the model's tracks as they are, without the refinement on the run's flow, the re-finding "
+                        "after occlusions and the alignment to the query that its config asks for (refine_interval, "
+                        "refind_radius, align_radius: the fast preset's last stages)")
 
     p = command("view", _cmd_view, "write a static browser viewer of the complete field (open OUT/index.html)")
     p.add_argument("source", metavar="RUN_or_EXPORT",

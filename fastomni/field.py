@@ -264,15 +264,16 @@ def field_path(folder: str, query_frame: int) -> str:
 def export_field(model: RayModel, out_dir: str, tables: OcclusionTables | None = None, use_max_loc: bool = True,
                  occlusion_th: float = 0.99, half: bool = False, chunk_size: int = 10000,
                  scale_to: tuple[int, int] | None = None, exact_occlusion: bool = False,
-                 progress: bool = True, refine=None, refine_interval: int = 0) -> list[str]:
+                 progress: bool = True, refine=None, refine_settings: dict | None = None) -> list[str]:
     """The complete field: every frame's pixels to every frame, one ``dense_{i:05d}.npz`` per query
     frame ``i`` in ``out_dir`` (:func:`fastomni.query.export_dense`'s format and ``half`` checks),
     plus ``field.json`` (frames, sizes, settings) and ``maps.npz`` (per-frame ``depth [T, H, W]``
     and ``rgb [T, H, W, 3]`` from the tables). Query frames whose file exists are skipped (each is
     written atomically, so a killed export resumes). ``exact_occlusion`` uses the per-point
     occlusion ray instead of the tables. ``refine``: as in :func:`fastomni.query.export_dense`, with
-    ``refine_interval`` (its flow interval, 0 without it) recorded in ``field.json``. Returns the
-    files, in query-frame order."""
+    ``refine_settings`` (its settings, :func:`fastomni.refine.refiner_settings`) recorded in
+    ``field.json``, so that a resumed export cannot mix files of two settings. Returns the files,
+    in query-frame order."""
     if not os.path.isdir(out_dir):
         os.makedirs(out_dir)
     if tables is None:
@@ -280,7 +281,7 @@ def export_field(model: RayModel, out_dir: str, tables: OcclusionTables | None =
     size = tuple(int(v) for v in (scale_to or (model.h, model.w)))
     info = {"num_frames": model.num_imgs, "model_size": [model.h, model.w], "image_size": list(size),
             "family": model.family, "use_max_loc": use_max_loc, "occlusion_th": occlusion_th, "half": half,
-            "occlusion": "exact" if exact_occlusion else "tables", "refine_interval": refine_interval if refine else 0}
+            "occlusion": "exact" if exact_occlusion else "tables", "refiner": refine_settings if refine else None}
     _claim_folder(os.path.join(out_dir, "field.json"), info,
                   lambda found: f"{out_dir} holds an export with other settings ({found}); use another folder or "
                                 "delete it")

@@ -48,8 +48,8 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_files
 from fastomni.preprocess import edge_sample
 
-__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "color_blur", "refine_tracks", "refiner", "run_refiner",
-           "track_colors"]
+__all__ = ["COLOR_SIGMA", "banded_cholesky_solve", "color_blur", "refine_tracks", "refiner", "refiner_settings",
+           "run_refiner", "track_colors"]
 
 COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
 
@@ -253,6 +253,11 @@ def refiner(seq_dir: str, cfg):
         return tracks, occluded
 
     return refine
+
+
+def refiner_settings(cfg) -> dict:
+    """The settings of ``cfg`` that :func:`refiner` reads, by name."""
+    return {name: getattr(cfg, name) for name in ("refine_interval", "refind_radius", "align_radius")}
 
 
 def run_refiner(run_dir: str, cfg):

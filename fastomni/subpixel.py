@@ -63,15 +63,19 @@ MAX_WARP_CHANGE = 1e9  # px: the largest position uncertainty (per unit of contr
 
 def _bilinear(images: np.ndarray, points: np.ndarray) -> np.ndarray:
     """``images [H, W, C]`` float32 at ``points [K, P, 2]`` (x, y pixels), bilinear, clamped to the
-    image: ``[K, P, C]``."""
+    image: ``[K, P, C]`` float32."""
     h, w = images.shape[:2]
-    x = np.clip(points[..., 0], 0, w - 1)
-    y = np.clip(points[..., 1], 0, h - 1)
-    x0 = np.minimum(np.floor(x).astype(np.int64), w - 2)
-    y0 = np.minimum(np.floor(y).astype(np.int64), h - 2)
-    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
-    return ((images[y0, x0] * (1 - fx) + images[y0, x0 + 1] * fx) * (1 - fy)
-            + (images[y0 + 1, x0] * (1 - fx) + images[y0 + 1, x0 + 1] * fx) * fy)
+    x = np.clip(points[..., 0].astype(np.float32), 0, w - 1).ravel()
+    y = np.clip(points[..., 1].astype(np.float32), 0, h - 1).ravel()
+    x0 = np.minimum(x.astype(np.intp), w - 2)  # floor: x >= 0
+    y0 = np.minimum(y.astype(np.intp), h - 2)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    flat, corner = images.reshape(h * w, -1), y0 * w + x0
+    top_left, top_right = np.take(flat, corner, 0), np.take(flat, corner + 1, 0)
+    bottom_left, bottom_right = np.take(flat, corner + w, 0), np.take(flat, corner + w + 1, 0)
+    top = top_left + (top_right - top_left) * fx
+    bottom = bottom_left + (bottom_right - bottom_left) * fx
+    return (top + (bottom - top) * fy).reshape(points.shape[:-1] + (flat.shape[1],))
 
 
 def _gray_with_gradients(features: FrameFeatures, t: int) -> np.ndarray:
@@ -127,9 +131,9 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
     side = np.arange(-radius, radius + 1, dtype=np.float64)
     offsets = np.stack(np.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)  # [P, 2]
     weights = np.exp(-(offsets ** 2).sum(1) / (2 * (radius / 2) ** 2))
-    weights /= weights.sum()
+    weights = (weights / weights.sum()).astype(np.float32)
     lo, hi = np.array([1.0, 1.0]), np.array([w - 2.0, h - 2.0])  # patches keep one pixel from the edge
-    template = np.empty((num, len(offsets)))
+    template = np.empty((num, len(offsets)), np.float32)
     verify = np.empty((num, 2 * PATCH + 1, 2 * PATCH + 1), np.float32)  # the query's verification patches
     for a in np.unique(qt):
         rows = qt == a
@@ -155,7 +159,7 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                 start, a_mat = x[rows, f], warp[rows].copy()
                 p = start.copy()
                 for it in range(iterations + 1):
-                    points = p[:, None] + np.einsum("kij,pj->kpi", a_mat, offsets)
+                    points = p[:, None] + offsets @ a_mat.transpose(0, 2, 1)
                     sampled = _bilinear(images[f], points)
                     mean, std = _weighted_stats(sampled[..., 0], weights)
                     gain = template_std[rows] / std
@@ -166,10 +170,11 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                     gx, gy = sampled[..., 1] * gain, sampled[..., 2] * gain
                     jac = np.stack([gx * offsets[:, 0], gx * offsets[:, 1], gy * offsets[:, 0], gy * offsets[:, 1],
                                     gx, gy], -1)  # d patch / d (A11, A12, A21, A22, px, py)  [K, P, 6]
-                    jac -= np.einsum("kpi,p->ki", jac, weights)[:, None]  # the patch's mean moves with it
+                    jac -= (weights @ jac)[:, None]  # the patch's mean moves with it
                     robust = weights * np.minimum(1.0, HUBER * template_std[rows] / (np.abs(residual) + 1e-9))
-                    hessian = np.einsum("kpi,kpj,kp->kij", jac, jac, robust) + 1e-6 * np.eye(6)
-                    delta = -np.linalg.solve(hessian, np.einsum("kpi,kp,kp->ki", jac, residual, robust)[..., None])[..., 0]
+                    weighted = (jac * robust[..., None]).transpose(0, 2, 1)  # [K, 6, P]
+                    hessian = (weighted @ jac).astype(np.float64) + 1e-6 * np.eye(6)
+                    delta = -np.linalg.solve(hessian, (weighted @ residual[..., None]).astype(np.float64))[..., 0]
                     a_mat += delta[:, :4].reshape(-1, 2, 2)
                     p += delta[:, 4:]
                 # the fitted warp about the query's position: A (c + u) + p - A c = p + A u

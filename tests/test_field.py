@@ -124,6 +124,13 @@ def test_export_field_resumes(tmp_path, monkeypatch):
         np.testing.assert_array_equal(ra["occluded"], rb["occluded"])
     with pytest.raises(InputError, match="other settings"):
         export_field(m, out, tables, occlusion_th=0.5, progress=False)
+    # the refiner's settings are recorded: a resumed export with another alignment radius is refused
+    unchanged = lambda tracks, occluded, queries: (tracks, occluded)  # noqa: E731
+    settings = {"refine_interval": 4, "refind_radius": 24.0, "align_radius": 4}
+    refined = str(tmp_path / "refined")
+    export_field(m, refined, tables, progress=False, refine=unchanged, refine_settings=settings)
+    with pytest.raises(InputError, match="other settings"):
+        export_field(m, refined, tables, progress=False, refine=unchanged, refine_settings={**settings, "align_radius": 0})
 
 
 def test_export_field_half(tmp_path):
