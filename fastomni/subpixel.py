@@ -55,10 +55,8 @@ from fastomni.refind import PATCH, FrameFeatures, patch_ncc, warped_patches
 __all__ = ["align_to_query"]
 
 HUBER = 0.3  # residuals above this many times the template's contrast are down-weighted
-MAX_APERTURE = 12.0
-NCC_UNIFORM = False
-VR = 6
-MAX_WARP_CHANGE = 1e9  # px: the largest position uncertainty (per unit of contrast) of a fit that is kept
+MAX_APERTURE = 12.0  # px: the largest position uncertainty (per unit of contrast) of a fit that is kept
+MAX_WARP_CHANGE = 0.3  # the largest change of A (Frobenius norm) per frame since the last frame aligned
 
 
 def _bilinear(images: np.ndarray, points: np.ndarray) -> np.ndarray:
