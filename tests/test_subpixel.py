@@ -50,7 +50,7 @@ def test_align_pulls_drifted_tracks_onto_the_point():
     drifted = _drifted(truth)
     aligned = align_to_query(drifted, np.zeros((40, NUM), bool), q, features)
     before, error = np.linalg.norm(drifted - truth, axis=-1)[:, 1:], np.linalg.norm(aligned - truth, axis=-1)[:, 1:]
-    assert before.mean() > 0.7  # measured: 0.7 px before, median 0.03 px and 90th percentile 0.07 px after
+    assert before.mean() > 0.7  # measured: 0.8 px before, median 0.03 px and 90th percentile 0.07 px after
     assert np.median(error) < 0.05 and np.quantile(error, 0.9) < 0.1, np.quantile(error, [0.5, 0.9, 1])
     assert error.mean() < 0.25 * before.mean()
     np.testing.assert_array_equal(aligned[:, 0], drifted[:, 0].astype(np.float32))  # the query frame is kept
