@@ -11,8 +11,8 @@ Systems per clip, each run through what a user runs (:func:`fastomni.pipeline.tr
 
 * ``chained``: :func:`fastomni.baseline.chained_flow_tracks` at the clip's resolution;
 * ``chained_refined``: no OmniMotion: the fast preset's preprocessing, chained flow on its stored
-  frames, and its refinement and re-finding (:func:`fastomni.refine.refiner`) started from and
-  anchored to the chain instead of a model (what those stages alone are worth);
+  frames, and its refinement, re-finding and alignment (:func:`fastomni.refine.refiner`) started
+  from and anchored to the chain instead of a model (what those stages alone are worth);
 * ``fast``: ``preset("fast")`` with ``num_iters`` times ``--budget-scale``;
 * ``fast2x``: the same with twice the steps;
 * ``original``: ``preset("cpu")`` (the original networks) given the wall time ``fast`` took: a probe

@@ -96,8 +96,8 @@ class Config:
     vis_occlusion: bool = True
     occlusion_th: float = 0.99
     refine_interval: int = 0  # fastomni: 0: the model's tracks; k: refined on the flow within k frames (refine.py)
-    refind_radius: float = 0.0  # fastomni: 0: off; r: lost points re-found by feature matches within r px (refind.py)
-    align_radius: int = 0  # fastomni: 0: off; r: visible positions aligned to the query's patch of radius r px (subpixel.py)
+    refind_radius: float = 0.0  # fastomni: 0: off; r: lost points re-found by matches within r px (refind.py)
+    align_radius: int = 0  # fastomni: 0: off; r: visible positions aligned to the query's r-px patch (subpixel.py)
     # logging
     i_print: int = 100  # steps between loss log lines
     i_img: int = 500  # steps between trajectory snapshots (vis/); 0: none

@@ -111,8 +111,8 @@ def model_tracks(model, query_points, cfg: Config, seq_dir: str, progress: bool 
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`fastomni.query.track_points` of ``query_points [N, 3]`` (t, y, x) in the model's pixels,
     then, when ``cfg.refine_interval`` is set, the refinement on ``seq_dir``'s flow, the re-finding
-    after occlusions and the alignment to the query (:func:`fastomni.refine.refiner`). Returns ``(tracks [N, T, 2], occluded [N, T],
-    scores [N, T])``, model pixels."""
+    after occlusions and the alignment to the query (:func:`fastomni.refine.refiner`). Returns
+    ``(tracks [N, T, 2], occluded [N, T], scores [N, T])``, model pixels."""
     from fastomni.query import track_points
     from fastomni.refine import refiner
 

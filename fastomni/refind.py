@@ -49,7 +49,7 @@ from fastomni.inputs import InputError
 from fastomni.preprocess import edge_sample
 from fastomni.refine import color_blur
 
-__all__ = ["FrameFeatures", "patch_ncc", "refind_lost", "warped_patches"]
+__all__ = ["FrameFeatures", "interpolate_in_time", "patch_ncc", "refind_lost", "track_arrays", "warped_patches"]
 
 UPSAMPLE = 2.0  # SIFT runs on frames upsampled this many times
 MAX_KEYPOINTS = 2000  # per frame (bounds memory and matching time on large frames)
@@ -135,6 +135,26 @@ def patch_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-6)
 
 
+def track_arrays(tracks, occluded, query_points, features: FrameFeatures
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``tracks [N, T, 2]``, ``occluded [N, T]`` and ``query_points [N, 3]`` as float64, bool and
+    float64 copies, checked against each other and ``features``' T frames (:class:`InputError`)."""
+    x = np.array(tracks, np.float64)
+    occ = np.array(occluded, bool)
+    q = np.array(query_points, np.float64)
+    num, frames = occ.shape
+    if x.shape != (num, frames, 2) or q.shape != (num, 3) or frames != len(features.frames):
+        raise InputError(f"tracks [N, T, 2], occluded [N, T] and query_points [N, 3] with T = "
+                         f"{len(features.frames)} frames expected, got {x.shape}, {occ.shape} and {q.shape}")
+    return x, occ, q
+
+
+def interpolate_in_time(frames: np.ndarray, known: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values [K, 2]`` at the increasing frames ``known [K]``, interpolated linearly at ``frames [M]``
+    (held at the first or last value beyond them): ``[M, 2]``."""
+    return np.stack([np.interp(frames, known, values[:, c]) for c in range(2)], -1)
+
+
 def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius: float = 24.0,
                 max_color_change: float = 40.0, min_ncc: float = 0.6, min_matches: int = 3
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -142,13 +162,8 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
     ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), as the module docstring says.
     Non-finite positions (frames of another shot) are left as they are. Returns
     ``(tracks [N, T, 2] float32, occluded [N, T] bool)``."""
-    x = np.array(tracks, np.float64)
-    occ = np.array(occluded, bool)
-    q = np.asarray(query_points, np.float64)
+    x, occ, q = track_arrays(tracks, occluded, query_points, features)
     num, frames = occ.shape
-    if x.shape != (num, frames, 2) or q.shape != (num, 3) or frames != len(features.frames):
-        raise InputError(f"tracks [N, T, 2], occluded [N, T] and query_points [N, 3] with T = "
-                         f"{len(features.frames)} frames expected, got {x.shape}, {occ.shape} and {q.shape}")
     if not (radius > 0 and max_color_change > 0 and -1 <= min_ncc <= 1 and min_matches >= 2):
         raise InputError("refind_lost needs radius > 0, max_color_change > 0, min_ncc in [-1, 1] and min_matches >= 2; "
                          f"got {radius}, {max_color_change}, {min_ncc}, {min_matches}")
@@ -195,5 +210,5 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
         finite = np.isfinite(x[n]).all(-1)
         seen, hidden = np.flatnonzero(finite & ~occ[n]), np.flatnonzero(finite & occ[n])
         if len(seen):
-            x[n, hidden] = np.stack([np.interp(hidden, seen, x[n, seen, c]) for c in range(2)], -1)
+            x[n, hidden] = interpolate_in_time(hidden, seen, x[n, seen])
     return x.astype(np.float32), occ

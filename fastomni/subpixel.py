@@ -50,7 +50,7 @@ import cv2
 import numpy as np
 
 from fastomni.inputs import InputError
-from fastomni.refind import PATCH, FrameFeatures, patch_ncc, warped_patches
+from fastomni.refind import PATCH, FrameFeatures, interpolate_in_time, patch_ncc, track_arrays, warped_patches
 
 __all__ = ["align_to_query"]
 
@@ -97,7 +97,7 @@ def _spread(x: np.ndarray, shift: np.ndarray, qt: np.ndarray) -> np.ndarray:
     for n in np.flatnonzero(np.isfinite(shift).all(-1).sum(1) > 1):  # aligned somewhere besides the query
         known = np.flatnonzero(np.isfinite(shift[n]).all(-1))
         fill = np.flatnonzero(np.isfinite(x[n]).all(-1))
-        move = np.stack([np.interp(fill, known, shift[n, known, c]) for c in range(2)], -1)
+        move = interpolate_in_time(fill, known, shift[n, known])
         if len(fill) > 2:
             padded = np.concatenate([move[:1], move, move[-1:]])
             move = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
@@ -112,13 +112,8 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
     with ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), to the query's patch, as the
     module docstring says. Returns the tracks ``[N, T, 2]`` float32 (non-finite positions as
     they are)."""
-    x = np.array(tracks, np.float64)
-    occ = np.asarray(occluded, bool)
-    q = np.asarray(query_points, np.float64)
+    x, occ, q = track_arrays(tracks, occluded, query_points, features)
     num, frames = occ.shape
-    if x.shape != (num, frames, 2) or q.shape != (num, 3) or frames != len(features.frames):
-        raise InputError(f"tracks [N, T, 2], occluded [N, T] and query_points [N, 3] with T = "
-                         f"{len(features.frames)} frames expected, got {x.shape}, {occ.shape} and {q.shape}")
     if not (int(radius) == radius >= 1 and max_shift > 0 and -1 <= min_ncc <= 1 and int(iterations) == iterations >= 1):
         raise InputError("align_to_query needs an integer radius >= 1, max_shift > 0, min_ncc in [-1, 1] and an "
                          f"integer iterations >= 1; got {radius}, {max_shift}, {min_ncc}, {iterations}")
@@ -180,8 +175,8 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                 ncc = patch_ncc(verify[rows], warped_patches(features.gray(f), anchor[rows], np.nan_to_num(fitted)))
                 bent = np.linalg.norm((a_mat - warp[rows]).reshape(-1, 4), axis=1) / abs(f - warp_frame[rows])
                 aperture = np.sqrt(np.linalg.eigvalsh(np.linalg.inv(hessian)[:, 4:, 4:])[:, -1]) * template_std[rows, 0]
-                good = ((ncc >= min_ncc) & (bent <= MAX_WARP_CHANGE) & (aperture <= MAX_APERTURE) & np.isfinite(p).all(1)
-                        & (np.linalg.norm(p - start, axis=1) <= max_shift)
+                good = ((ncc >= min_ncc) & (bent <= MAX_WARP_CHANGE) & (aperture <= MAX_APERTURE)
+                        & np.isfinite(p).all(1) & (np.linalg.norm(p - start, axis=1) <= max_shift)
                         & ((points >= lo) & (points <= hi)).all((1, 2)))
                 shift[rows[good], f] = p[good] - start[good]
                 warp[rows[good]] = a_mat[good]
