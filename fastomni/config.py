@@ -167,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_feature": 1e-2, "lr_deform": 1e-2, "lr_color": 1e-2, "lrate_decay_steps": 600,
         "use_error_map": False, "use_affine": False, "i_print": 100, "i_img": 0, "i_weight": 600, "i_cache": 600,
         "chunk_size": 4096, "device": "cpu", "frame_format": "png", "refine_interval": 4,
-        "refind_radius": 24.0, "align_radius": 4,
+        "refind_radius": 32.0, "align_radius": 4,
     },
 }
 

@@ -11,12 +11,15 @@ refinement reports occluded:
    :data:`MATCH_RATIO`);
 2. the matches whose keypoint in frame ``q`` lies within ``radius`` pixels of the query (of the
    centre of its cell, ``radius /`` :data:`CELLS_PER_RADIUS` px wide: the queries of a cell share
-   the fit) are fitted by a similarity transform ``S`` (RANSAC, :data:`RANSAC_PX`), with at least
-   ``min_matches`` inliers;
-3. the candidate ``S(x, y)`` is accepted, and the frame reported visible, when the patch around the
-   query warped by ``S`` correlates with frame ``t`` (normalised cross-correlation of grey patches
-   of :data:`PATCH` px radius, at least ``min_ncc``) and the colour there (frames blurred as in the
-   refinement's colour test) is within ``max_color_change`` of the query's;
+   the fits) are fitted by a similarity transform ``S`` (RANSAC, :data:`RANSAC_PX`), with at least
+   ``min_matches`` inliers; up to :data:`MOTIONS` transforms, each fitted to the matches the ones
+   before it left out, since the region may hold surfaces that move apart (an object and the
+   background behind it);
+3. a candidate ``S(x, y)`` passes when the patch around the query warped by ``S`` correlates with
+   frame ``t`` (normalised cross-correlation of grey patches of :data:`PATCH` px radius, at least
+   ``min_ncc``) and the colour there (frames blurred as in the refinement's colour test) is within
+   ``max_color_change`` of the query's; the passing candidate that correlates best is accepted, and
+   the frame reported visible;
 4. the frames still reported occluded get positions interpolated linearly in time between the
    nearest visible frames (held at the first or last visible one beyond them). The lost track's
    positions there are on another surface; TAP-Vid's position accuracy counts the frames where the
@@ -58,6 +61,7 @@ RANSAC_PX = 2.0  # RANSAC's inlier distance, pixels
 PATCH = 6  # the verification patch's radius, pixels
 NCC_SIGMA = 1.0  # px: the grey frames' blur before the correlation
 CELLS_PER_RADIUS = 6  # queries share a fit per cell of radius / CELLS_PER_RADIUS pixels
+MOTIONS = 2  # similarity transforms fitted per cell, one after another (docs/fast-preset.md, round 7)
 
 
 class FrameFeatures:
@@ -155,7 +159,7 @@ def interpolate_in_time(frames: np.ndarray, known: np.ndarray, values: np.ndarra
     return np.stack([np.interp(frames, known, values[:, c]) for c in range(2)], -1)
 
 
-def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius: float = 24.0,
+def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius: float = 32.0,
                 max_color_change: float = 40.0, min_ncc: float = 0.6, min_matches: int = 3
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-find the occluded frames of ``tracks [N, T, 2]`` (x, y pixels of ``features``' frames) with
@@ -182,30 +186,36 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
             if len(src) < min_matches:
                 continue
             keys, inverse = np.unique(cell[rows], axis=0, return_inverse=True)
-            transforms = np.full((len(keys), 2, 3), np.nan)
+            transforms = np.full((MOTIONS, len(keys), 2, 3), np.nan)
             for k, key in enumerate(keys):
-                center = (key + 0.5) * cell_size
-                near = np.linalg.norm(src - center, axis=1) < radius
-                if near.sum() < min_matches:
+                near = np.linalg.norm(src - (key + 0.5) * cell_size, axis=1) < radius
+                left_src, left_dst = src[near], dst[near]
+                for m in range(MOTIONS):
+                    if len(left_src) < min_matches:
+                        break
+                    fit, inliers = cv2.estimateAffinePartial2D(left_src, left_dst, method=cv2.RANSAC,
+                                                               ransacReprojThreshold=RANSAC_PX)
+                    if fit is None or inliers.sum() < min_matches:
+                        break
+                    transforms[m, k] = fit
+                    outliers = ~inliers.ravel().astype(bool)
+                    left_src, left_dst = left_src[outliers], left_dst[outliers]
+            best = np.full(len(rows), -np.inf)  # the best passing candidate's correlation per row
+            for fits in transforms[:, inverse.ravel()]:
+                found = np.einsum("kij,kj->ki", fits[:, :, :2], anchor[rows]) + fits[:, :, 2]  # NaN: no fit
+                inside = np.flatnonzero((found[:, 0] >= 0) & (found[:, 0] <= w - 1)
+                                        & (found[:, 1] >= 0) & (found[:, 1] <= h - 1))
+                if not len(inside):
                     continue
-                fit, inliers = cv2.estimateAffinePartial2D(src[near], dst[near], method=cv2.RANSAC,
-                                                           ransacReprojThreshold=RANSAC_PX)
-                if fit is not None and inliers.sum() >= min_matches:
-                    transforms[k] = fit
-            fits = transforms[inverse.ravel()]
-            found = np.einsum("kij,kj->ki", fits[:, :, :2], anchor[rows]) + fits[:, :, 2]  # NaN: no fit
-            keep = (found[:, 0] >= 0) & (found[:, 0] <= w - 1) & (found[:, 1] >= 0) & (found[:, 1] <= h - 1)
-            rows, fits, found = rows[keep], fits[keep], found[keep]
-            if not len(rows):
-                continue
-            same = np.broadcast_to(np.eye(2, 3), fits.shape)
-            score = patch_ncc(warped_patches(features.gray(a), anchor[rows], same),
-                              warped_patches(features.gray(t), anchor[rows], fits))
-            color = edge_sample(features.color(t), found.astype(np.float32))
-            change = np.linalg.norm(color - query_color[np.searchsorted(own, rows)], axis=1)
-            seen = (score >= min_ncc) & (change <= max_color_change)
-            x[rows[seen], t] = found[seen]
-            occ[rows[seen], t] = False
+                same = np.broadcast_to(np.eye(2, 3), (len(inside), 2, 3))
+                score = patch_ncc(warped_patches(features.gray(a), anchor[rows[inside]], same),
+                                  warped_patches(features.gray(t), anchor[rows[inside]], fits[inside]))
+                color = edge_sample(features.color(t), found[inside].astype(np.float32))
+                change = np.linalg.norm(color - query_color[np.searchsorted(own, rows[inside])], axis=1)
+                better = (score >= min_ncc) & (change <= max_color_change) & (score > best[inside])
+                best[inside[better]] = score[better]
+                x[rows[inside[better]], t] = found[inside[better]]
+                occ[rows[inside[better]], t] = False
     for n in np.flatnonzero((occ & np.isfinite(x).all(-1)).any(1)):
         finite = np.isfinite(x[n]).all(-1)
         seen, hidden = np.flatnonzero(finite & ~occ[n]), np.flatnonzero(finite & occ[n])

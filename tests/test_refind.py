@@ -107,3 +107,46 @@ def test_refind_refuses_bad_input():
         refind_lost(tracks, occluded, q, features, radius=0.0)
     with pytest.raises(InputError, match="uint8"):
         FrameFeatures(np.zeros((2, 8, 8, 3), np.float32))
+
+
+def _two_surface_frames(seed: int = 1):
+    """A still textured background and, over the query, a textured 32 px square that moves 2 px
+    right per frame and turns 0.05 rad per frame; a red disc hides the query in the HIDDEN frames.
+    The background holds most of the matches near the query. Returns (frames, truth [NUM, 2])."""
+    rng = np.random.default_rng(seed)
+
+    def texture(size):
+        noise = rng.integers(0, 256, (size, size, 3)).astype(np.float32)
+        return np.clip(cv2.GaussianBlur(noise, (0, 0), 1.2) * 3 - 256, 0, 255).astype(np.uint8)
+
+    background, square = texture(SIZE), texture(32)
+    frames, truth = [], []
+    for t in range(NUM):
+        m = cv2.getRotationMatrix2D((15.5, 15.5), np.degrees(0.05 * t), 1.0)  # square pixels -> frame
+        m[:, 2] += QUERY - 15.5 + [2.0 * t, 0.0]
+        inside = cv2.warpAffine(np.ones((32, 32), np.uint8), m, (SIZE, SIZE), flags=cv2.INTER_NEAREST) > 0
+        frame = np.where(inside[..., None], cv2.warpAffine(square, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR), background)
+        truth.append(m[:, :2] @ [15.5, 15.5] + m[:, 2])
+        if t in HIDDEN:
+            cv2.circle(frame, tuple(int(round(c)) for c in truth[-1]), 10, (255, 0, 0), -1)
+        frames.append(frame)
+    return np.stack(frames), np.stack(truth)
+
+
+def test_refind_finds_a_point_on_a_surface_that_moves_apart_from_its_surroundings(monkeypatch):
+    """The first similarity fit follows the background; the point is found by the second."""
+    import fastomni.refind as refind
+
+    frames, truth = _two_surface_frames()
+    tracks = truth[None].copy()
+    tracks[0, 2:] = truth[1]  # the flow tracker held the point where the disc came
+    occluded = np.zeros((1, NUM), bool)
+    occluded[0, 2:] = True
+    q = np.array([[0, QUERY[1], QUERY[0]]])
+    back = [t for t in range(2, NUM) if t not in HIDDEN]
+    x, occ = refind_lost(tracks, occluded, q, FrameFeatures(frames))
+    assert not occ[0, back].any() and occ[0, list(HIDDEN)].all()
+    np.testing.assert_allclose(x[0, back], truth[back], atol=0.5)
+    monkeypatch.setattr(refind, "MOTIONS", 1)
+    x, occ = refind_lost(tracks, occluded, q, FrameFeatures(frames))
+    assert occ[0, back].all()  # one fit per cell: the background's, so the point stays lost
