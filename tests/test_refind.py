@@ -1,5 +1,6 @@
 """fastomni.refind: a point hidden by an occluder is found again, with the exact position, once its
-surface is back; it is not found when its surface is gone; hidden frames are interpolated."""
+surface is back, also when that surface moves apart from its surroundings; it is not found when its
+surface is gone; hidden frames are interpolated."""
 import cv2
 import numpy as np
 import pytest
@@ -23,16 +24,17 @@ def _truth(t: int) -> np.ndarray:
     return m[:, :2] @ QUERY + m[:, 2]
 
 
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A ``[size, size, 3]`` uint8 texture of blurred noise with sharp, sparse features."""
+    noise = rng.integers(0, 256, (size, size, 3)).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(noise, (0, 0), 1.2) * 3 - 256, 0, 255).astype(np.uint8)
+
+
 def _frames(seed: int = 0, new_surface_from: int | None = None) -> np.ndarray:
     """A textured scene moved by :func:`_motion`; a red disc covers the query point in the HIDDEN
     frames; from frame ``new_surface_from`` on, the scene is another texture."""
     rng = np.random.default_rng(seed)
-
-    def texture():
-        noise = rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.float32)
-        return np.clip(cv2.GaussianBlur(noise, (0, 0), 1.2) * 3 - 256, 0, 255).astype(np.uint8)
-
-    first, second = texture(), texture()
+    first, second = _texture(rng, SIZE), _texture(rng, SIZE)
     out = []
     for t in range(NUM):
         tex = second if new_surface_from is not None and t >= new_surface_from else first
@@ -114,12 +116,7 @@ def _two_surface_frames(seed: int = 1):
     right per frame and turns 0.05 rad per frame; a red disc hides the query in the HIDDEN frames.
     The background holds most of the matches near the query. Returns (frames, truth [NUM, 2])."""
     rng = np.random.default_rng(seed)
-
-    def texture(size):
-        noise = rng.integers(0, 256, (size, size, 3)).astype(np.float32)
-        return np.clip(cv2.GaussianBlur(noise, (0, 0), 1.2) * 3 - 256, 0, 255).astype(np.uint8)
-
-    background, square = texture(SIZE), texture(32)
+    background, square = _texture(rng, SIZE), _texture(rng, 32)
     frames, truth = [], []
     for t in range(NUM):
         m = cv2.getRotationMatrix2D((15.5, 15.5), np.degrees(0.05 * t), 1.0)  # square pixels -> frame
