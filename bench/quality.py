@@ -90,11 +90,13 @@ def budgeted(cfg, factor: float):
 
 
 def evaluate(video, tracks, occluded) -> dict:
-    from fastomni.metrics import evaluate_tracks
+    from fastomni.metrics import error_budget, evaluate_tracks
 
     h, w = video.frames.shape[1:3]
     m = evaluate_tracks(tracks, occluded, video.points, video.occluded, video.query_points, (h, w))
-    return {"first": m["first"], "strided": m["strided"], "temporal_coherence": m["temporal_coherence"]}
+    return {"first": m["first"], "strided": m["strided"], "temporal_coherence": m["temporal_coherence"],
+            "error_budget": error_budget(tracks, occluded, video.points, video.occluded, video.query_points,
+                                         (h, w), MODE)}
 
 
 def model_queries(video, model_hw: tuple[int, int]) -> np.ndarray:
@@ -277,6 +279,19 @@ def markdown(report: dict) -> str:
                          f"{mm['average_pts_within_thresh']:.3f} | {mm['occlusion_accuracy']:.3f} | "
                          f"{s['metrics']['temporal_coherence']:.2f} | {t['total']:.1f} ({t['preprocess']:.1f} + "
                          f"{t['optimize']:.1f} + {t['query']:.1f}) | {s['steps']} | {reach} |")
+    lines += ["", f"Error budget (`fastomni.metrics.error_budget`): AJ with the truth put in, part by part; "
+              f"found: every lost point found exactly; exact: every visible position exact. The last three "
+              f"columns are fractions of the visible, hidden and visible-and-predicted-visible entries.", "",
+              "| clip | system | AJ | found | exact | both | occluded, visible | visible, hidden | visible, > 4 px at 256 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for clip in report["clips"]:
+        for system, s in clip.get("systems", {}).items():
+            if "error" not in s:
+                b = s["metrics"]["error_budget"]
+                lines.append(f"| {clip['name']} | {system} | " + " | ".join(
+                    "—" if b[k] is None else f"{b[k]:.3f}" for k in ("average_jaccard", "found", "exact", "both",
+                                                                     "occluded_when_visible", "visible_when_hidden",
+                                                                     "far_when_visible")) + " |")
     means = report["summary"]["mean_average_jaccard"]
     if means:
         lines += ["", "Mean AJ over the clips every system finished: "

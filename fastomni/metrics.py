@@ -28,9 +28,11 @@ import numpy as np
 
 from fastomni.inputs import InputError, InputTypeError, load_array
 
-__all__ = ["THRESHOLDS", "evaluate", "evaluate_tracks", "no_estimate", "tapvid_metrics", "temporal_coherence"]
+__all__ = ["THRESHOLDS", "error_budget", "evaluate", "evaluate_tracks", "no_estimate", "tapvid_metrics",
+           "temporal_coherence"]
 
 THRESHOLDS = (1, 2, 4, 8, 16)  # pixels at 256 x 256
+FAR = 4  # pixels at 256 x 256: error_budget counts visible positions farther off than this
 EVAL_SIZE = 256
 
 
@@ -128,6 +130,52 @@ def tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_poi
     metrics["average_pts_within_thresh"] = float(np.mean([metrics[f"pts_within_{d}"] for d in THRESHOLDS]))
     metrics["average_jaccard"] = float(np.mean([metrics[f"jaccard_{d}"] for d in THRESHOLDS]))
     return metrics
+
+
+def error_budget(pred_tracks, pred_occluded, gt_points, gt_occluded, query_points, image_size,
+                 query_mode: str = "strided") -> dict:
+    """What each kind of error costs :func:`tapvid_metrics`' ``average_jaccard`` (arguments as
+    there): the score with the truth put into the prediction, part by part,
+
+    * ``found``: every entry predicted occluded (or not estimated) where the point is visible gets
+      the true position and is predicted visible, as if every lost point were found exactly;
+    * ``exact``: every entry predicted visible where the point is visible gets the true position;
+    * ``both``: both; only entries predicted visible where the point is hidden stay wrong;
+
+    beside ``average_jaccard`` itself, and the fractions of the evaluated entries with each kind of
+    error: ``occluded_when_visible`` (of the visible entries), ``visible_when_hidden`` (of the
+    hidden ones) and ``far_when_visible`` (of the visible entries predicted visible: farther than
+    :data:`FAR` px at 256 x 256); None where there is no such entry. Returns Python floats.
+    """
+    score = tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_points, image_size,
+                           query_mode)["average_jaccard"]  # checks the arguments
+    gt = _array(gt_points, "gt_points", (-1, -1, 2), "f")
+    pred = _array(pred_tracks, "pred_tracks", gt.shape, "f", finite=False)
+    occluded = _array(pred_occluded, "pred_occluded", gt.shape[:2], "b") | no_estimate(pred)
+    hidden = _array(gt_occluded, "gt_occluded", gt.shape[:2], "b")
+    h, w = _image_size(image_size)
+    truth = gt * np.array([w, h])
+    lost, seen = occluded & ~hidden, ~occluded & ~hidden
+
+    def jaccard(tracks, occ):
+        return tapvid_metrics(tracks, occ, gt, hidden, query_points, image_size, query_mode)["average_jaccard"]
+
+    frames = np.arange(gt.shape[1])[None]
+    q = _array(query_points, "query_points", (gt.shape[0], 3), "f")[:, :1].astype(np.int64)
+    evaluated = frames > q if query_mode == "first" else frames != q
+    pred_256, gt_256 = _to_256(np.where(seen[..., None], pred, truth), gt, image_size)
+    far = np.linalg.norm(pred_256 - gt_256, axis=-1) > FAR
+
+    def fraction(part, whole):
+        return float((part & whole & evaluated).sum() / (whole & evaluated).sum()) if (whole & evaluated).any() else None
+
+    return {"average_jaccard": score,
+            "found": jaccard(np.where(lost[..., None], truth, pred), occluded & ~lost),
+            "exact": jaccard(np.where(seen[..., None], truth, pred), occluded),
+            "both": jaccard(np.where(hidden[..., None], pred, truth), occluded & hidden),
+            "occluded_when_visible": fraction(occluded, ~hidden),
+            "visible_when_hidden": fraction(~occluded, hidden),
+            "far_when_visible": fraction(far, seen)}
 
 
 def temporal_coherence(pred_tracks, gt_points, gt_occluded, image_size) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastomni.metrics import evaluate_tracks, no_estimate, tapvid_metrics, temporal_coherence
+from fastomni.metrics import error_budget, evaluate_tracks, no_estimate, tapvid_metrics, temporal_coherence
 
 # A 64 x 128 (h x w) video: at 256 x 256, x errors are doubled and y errors quadrupled.
 H, W = 64, 128
@@ -151,3 +151,30 @@ def test_no_estimate_counts_as_occluded():
     cut[0, 4] = np.nan
     assert temporal_coherence(cut, gt5, np.zeros((1, 5), bool), (H, W)) == temporal_coherence(
         pred5[:, :4], gt5[:, :4], np.zeros((1, 4), bool), (H, W))
+
+
+def test_error_budget_by_hand():
+    pred, pred_occ, gt, gt_occ, query = hand_case()
+    pred[0, 2, 0] += 1.0  # A2 now 5 px off at 256 x 256: farther than FAR (4)
+    b = error_budget(pred, pred_occ, gt, gt_occ, query, (H, W))  # strided
+    # Evaluated: A1 A2 A3 B0 B2 B3; visible: all but B2. Predicted occluded: A3; predicted visible: B2.
+    assert b["average_jaccard"] == pytest.approx(tapvid_metrics(pred, pred_occ, gt, gt_occ, query, (H, W),
+                                                                "strided")["average_jaccard"])
+    assert b["occluded_when_visible"] == pytest.approx(1 / 5)  # A3
+    assert b["visible_when_hidden"] == pytest.approx(1.0)  # B2
+    assert b["far_when_visible"] == pytest.approx(1 / 4)  # A2 of A1 A2 B0 B3 (errors 0.5, 5, 1.5, 0)
+    # found: A3 exact and visible; errors A1 0.5, A2 5, A3 0, B0 1.5, B3 0; B2 a false positive.
+    # d=1: TP A1 A3 B3, FP A2 B0 B2 -> 3/8; d=2: TP + B0 -> 4/7; d=4: 4/7; d=8, 16: 5/6.
+    assert b["found"] == pytest.approx((3 / 8 + 4 / 7 + 4 / 7 + 5 / 6 + 5 / 6) / 5)
+    # exact: A1 A2 B0 B3 exact; A3 still occluded (a false negative), B2 a false positive: 4/6 at every d.
+    assert b["exact"] == pytest.approx(4 / 6)
+    assert b["both"] == pytest.approx(5 / 6)  # only B2 wrong
+    nothing_hidden = error_budget(pred, pred_occ, gt, np.zeros_like(gt_occ), query, (H, W))
+    assert nothing_hidden["visible_when_hidden"] is None
+
+
+def test_error_budget_of_a_perfect_prediction():
+    pred, pred_occ, gt, gt_occ, query = hand_case()
+    perfect = error_budget(gt * [W, H], gt_occ, gt, gt_occ, query, (H, W), "first")
+    assert perfect == {"average_jaccard": 1.0, "found": 1.0, "exact": 1.0, "both": 1.0,
+                       "occluded_when_visible": 0.0, "visible_when_hidden": 0.0, "far_when_visible": 0.0}

@@ -32,11 +32,15 @@ def test_quality_bench_tiny(quality, tmp_path, capsys):
         assert {"metrics", "timings", "steps"} <= set(system)
         assert {"average_jaccard", "average_pts_within_thresh", "occlusion_accuracy"} <= set(system["metrics"]["strided"])
         assert set(system["timings"]) == {"preprocess", "optimize", "query", "total"}
+        budget = system["metrics"]["error_budget"]
+        assert budget["average_jaccard"] == system["metrics"]["strided"]["average_jaccard"]
+        assert budget["both"] >= max(budget["found"], budget["exact"]) - 1e-12
         if name not in ("chained", "chained_refined"):
             assert system["steps"] >= 1 and system["checkpoints"][-1]["step"] == system["steps"]
             assert "time_to_chained_aj_s" in system
     assert clip["systems"]["fast2x"]["steps"] == 2 * clip["systems"]["fast"]["steps"]
-    assert "| nonrigid | fast |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| nonrigid | fast |" in printed and "Error budget" in printed
     assert not os.listdir(tmp_path / "work")  # run folders are removed unless --keep
 
 
