@@ -279,19 +279,19 @@ def markdown(report: dict) -> str:
                          f"{mm['average_pts_within_thresh']:.3f} | {mm['occlusion_accuracy']:.3f} | "
                          f"{s['metrics']['temporal_coherence']:.2f} | {t['total']:.1f} ({t['preprocess']:.1f} + "
                          f"{t['optimize']:.1f} + {t['query']:.1f}) | {s['steps']} | {reach} |")
-    lines += ["", f"Error budget (`fastomni.metrics.error_budget`): AJ with the truth put in, part by part; "
-              f"found: every lost point found exactly; exact: every visible position exact. The last three "
-              f"columns are fractions of the visible, hidden and visible-and-predicted-visible entries.", "",
-              "| clip | system | AJ | found | exact | both | occluded, visible | visible, hidden | visible, > 4 px at 256 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    budget_keys = ("average_jaccard", "found", "exact", "both", "occluded_when_visible", "visible_when_hidden",
+                   "far_when_visible")
+    lines += ["", "Error budget (`fastomni.metrics.error_budget`): AJ with the truth put in, part by part; "
+              "found: every lost point found exactly; exact: every visible position exact. The last three "
+              "columns are fractions of the visible, hidden and visible-and-predicted-visible entries.", "",
+              "| clip | system | AJ | found | exact | both | occluded, visible | visible, hidden "
+              "| visible, > 4 px at 256 |", "|---|---|---|---|---|---|---|---|---|"]
     for clip in report["clips"]:
         for system, s in clip.get("systems", {}).items():
             if "error" not in s:
                 b = s["metrics"]["error_budget"]
-                lines.append(f"| {clip['name']} | {system} | " + " | ".join(
-                    "—" if b[k] is None else f"{b[k]:.3f}" for k in ("average_jaccard", "found", "exact", "both",
-                                                                     "occluded_when_visible", "visible_when_hidden",
-                                                                     "far_when_visible")) + " |")
+                cells = ["—" if b[k] is None else f"{b[k]:.3f}" for k in budget_keys]
+                lines.append(f"| {clip['name']} | {system} | " + " | ".join(cells) + " |")
     means = report["summary"]["mean_average_jaccard"]
     if means:
         lines += ["", "Mean AJ over the clips every system finished: "

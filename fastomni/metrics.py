@@ -72,6 +72,12 @@ def _to_256(pred_tracks: np.ndarray, gt_points: np.ndarray, image_size) -> tuple
     return pred_tracks * np.array([EVAL_SIZE / w, EVAL_SIZE / h]), gt_points * EVAL_SIZE
 
 
+def _evaluated(query_frame: np.ndarray, num_frames: int, query_mode: str) -> np.ndarray:
+    """``[N, T]`` bool: the entries a query mode evaluates (after the query frame, or all but it)."""
+    frames, q = np.arange(num_frames)[None], query_frame.astype(np.int64)[:, None]
+    return frames > q if query_mode == "first" else frames != q
+
+
 def tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_points, image_size,
                    query_mode: str = "first") -> dict:
     """TAP-Vid metrics of one video with ``N`` query points over ``T`` frames.
@@ -108,9 +114,7 @@ def tapvid_metrics(pred_tracks, pred_occluded, gt_points, gt_occluded, query_poi
         raise InputError(f"query_points[:, 0] must be integer frame indices in [0, {t - 1}]")
     pred, gt = _to_256(pred_tracks, gt_points, image_size)
 
-    frames = np.arange(t)[None]
-    q = query_frame.astype(np.int64)[:, None]
-    evaluated = frames > q if query_mode == "first" else frames != q
+    evaluated = _evaluated(query_frame, t, query_mode)
     visible = ~gt_occluded & evaluated
     if not evaluated.any():
         raise InputError("no frames to evaluate (every query is on the last frame)")
@@ -160,14 +164,14 @@ def error_budget(pred_tracks, pred_occluded, gt_points, gt_occluded, query_point
     def jaccard(tracks, occ):
         return tapvid_metrics(tracks, occ, gt, hidden, query_points, image_size, query_mode)["average_jaccard"]
 
-    frames = np.arange(gt.shape[1])[None]
-    q = _array(query_points, "query_points", (gt.shape[0], 3), "f")[:, :1].astype(np.int64)
-    evaluated = frames > q if query_mode == "first" else frames != q
+    query_frame = _array(query_points, "query_points", (gt.shape[0], 3), "f")[:, 0]
+    evaluated = _evaluated(query_frame, gt.shape[1], query_mode)
     pred_256, gt_256 = _to_256(np.where(seen[..., None], pred, truth), gt, image_size)
     far = np.linalg.norm(pred_256 - gt_256, axis=-1) > FAR
 
     def fraction(part, whole):
-        return float((part & whole & evaluated).sum() / (whole & evaluated).sum()) if (whole & evaluated).any() else None
+        whole = whole & evaluated
+        return float((part & whole).sum() / whole.sum()) if whole.any() else None
 
     return {"average_jaccard": score,
             "found": jaccard(np.where(lost[..., None], truth, pred), occluded & ~lost),
