@@ -227,7 +227,8 @@ def evaluate(tracks_path: str, gt_path: str, modes=("first", "strided")) -> dict
     in TAP-Vid's layout: ``.npz`` with ``points [N, T, 2]`` normalized (x/w, y/h), ``occluded
     [N, T]``, and ``video [T, H, W, 3]`` or the tracks file's ``image_size``; rows must correspond.
     Query points come from the tracks file (else the ground truth's ``query_points``). The result
-    also holds ``"no_estimate"``: how many predicted positions are non-finite (counted as occluded)."""
+    also holds ``"no_estimate"``: how many predicted positions are non-finite (counted as occluded),
+    and ``"error_budget"``: :func:`error_budget` for each mode."""
     from fastomni.query import load_tracks
 
     pred = load_tracks(tracks_path)
@@ -251,4 +252,6 @@ def evaluate(tracks_path: str, gt_path: str, modes=("first", "strided")) -> dict
                          "rows must correspond")
     out = evaluate_tracks(pred["tracks"], pred["occluded"], points, occluded.astype(bool), queries, size, modes)
     out["no_estimate"] = int(no_estimate(pred["tracks"]).sum())
+    out["error_budget"] = {mode: error_budget(pred["tracks"], pred["occluded"], points, occluded.astype(bool), queries,
+                                              size, mode) for mode in modes}
     return out

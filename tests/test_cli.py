@@ -95,7 +95,8 @@ def test_export_viz_eval(clip, tracked, tmp_path, capsys):
     assert main(["eval", str(tracked / "tracks.npz"), "--gt", str(root / "data" / "gt.npz"),
                  "--json", str(tmp_path / "m.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == {"first", "strided", "temporal_coherence", "no_estimate"}
+    assert set(printed) == {"first", "strided", "temporal_coherence", "no_estimate", "error_budget"}
+    assert printed["error_budget"]["strided"]["average_jaccard"] == printed["strided"]["average_jaccard"]
     assert json.loads((tmp_path / "m.json").read_text()) == printed
 
 
@@ -106,6 +107,7 @@ def test_eval_of_ground_truth_is_perfect(clip, tmp_path):
     m = evaluate(str(tmp_path / "gt_tracks.npz"), str(root / "data" / "gt.npz"))
     for mode in ("first", "strided"):
         assert m[mode]["average_jaccard"] == 1.0 and m[mode]["occlusion_accuracy"] == 1.0
+        assert m["error_budget"][mode]["both"] == 1.0 and m["error_budget"][mode]["far_when_visible"] == 0.0
     assert m["temporal_coherence"] < 1e-3
 
 
