@@ -52,7 +52,8 @@ from fastomni.inputs import InputError
 from fastomni.preprocess import edge_sample
 from fastomni.refine import color_blur
 
-__all__ = ["FrameFeatures", "interpolate_in_time", "patch_ncc", "refind_lost", "track_arrays", "warped_patches"]
+__all__ = ["FrameFeatures", "interpolate_in_time", "patch_ncc", "query_patches", "refind_lost", "track_arrays",
+           "warped_patches"]
 
 UPSAMPLE = 2.0  # SIFT runs on frames upsampled this many times
 MAX_KEYPOINTS = 2000  # per frame (bounds memory and matching time on large frames)
@@ -132,6 +133,12 @@ def warped_patches(image: np.ndarray, centers: np.ndarray, transforms: np.ndarra
     return np.concatenate(out).reshape(-1, side, side)
 
 
+def query_patches(image: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """The unwarped patches ``[K, 2P+1, 2P+1]`` of ``image`` around ``centers [K, 2]``: what
+    :func:`warped_patches` of the other frames are compared with."""
+    return warped_patches(image, centers, np.broadcast_to(np.eye(2, 3), (len(centers), 2, 3)))
+
+
 def patch_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Normalised cross-correlation of patches ``[K, ...]`` pairwise, ``[K]``."""
     a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
@@ -178,8 +185,9 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
     cell = np.floor(anchor / cell_size).astype(np.int64)
     lost = occ & np.isfinite(x).all(-1)
     for a in np.unique(qt[lost.any(1)]):
-        query_color = edge_sample(features.color(a), anchor[qt == a].astype(np.float32))
-        own = np.flatnonzero(qt == a)  # rows of query frame a; query_color is in this order
+        own = np.flatnonzero(qt == a)  # rows of query frame a; query_color and query_patch are in this order
+        query_color = edge_sample(features.color(a), anchor[own].astype(np.float32))
+        query_patch = query_patches(features.gray(a), anchor[own])
         for t in np.flatnonzero(lost[own].any(0)):
             rows = own[lost[own, t]]
             src, dst = features.matches(a, t)
@@ -207,11 +215,10 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
                                         & (found[:, 1] >= 0) & (found[:, 1] <= h - 1))
                 if not len(inside):
                     continue
-                same = np.broadcast_to(np.eye(2, 3), (len(inside), 2, 3))
-                score = patch_ncc(warped_patches(features.gray(a), anchor[rows[inside]], same),
-                                  warped_patches(features.gray(t), anchor[rows[inside]], fits[inside]))
+                at = np.searchsorted(own, rows[inside])
+                score = patch_ncc(query_patch[at], warped_patches(features.gray(t), anchor[rows[inside]], fits[inside]))
                 color = edge_sample(features.color(t), found[inside].astype(np.float32))
-                change = np.linalg.norm(color - query_color[np.searchsorted(own, rows[inside])], axis=1)
+                change = np.linalg.norm(color - query_color[at], axis=1)
                 better = (score >= min_ncc) & (change <= max_color_change) & (score > best[inside])
                 best[inside[better]] = score[better]
                 x[rows[inside[better]], t] = found[inside[better]]

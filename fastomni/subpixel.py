@@ -50,7 +50,8 @@ import cv2
 import numpy as np
 
 from fastomni.inputs import InputError
-from fastomni.refind import PATCH, FrameFeatures, interpolate_in_time, patch_ncc, track_arrays, warped_patches
+from fastomni.refind import (PATCH, FrameFeatures, interpolate_in_time, patch_ncc, query_patches, track_arrays,
+                             warped_patches)
 
 __all__ = ["align_to_query"]
 
@@ -131,7 +132,7 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
     for a in np.unique(qt):
         rows = qt == a
         template[rows] = _bilinear(features.gray(a)[..., None], anchor[rows][:, None] + offsets)[..., 0]
-        verify[rows] = warped_patches(features.gray(a), anchor[rows], np.broadcast_to(np.eye(2, 3), (rows.sum(), 2, 3)))
+        verify[rows] = query_patches(features.gray(a), anchor[rows])
     template_mean, template_std = _weighted_stats(template, weights)
     template = template - template_mean
     template_inside = ((anchor - radius >= lo) & (anchor + radius <= hi)).all(1)
