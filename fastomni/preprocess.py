@@ -108,10 +108,19 @@ def bilinear_sample(img: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def edge_sample(field: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Bilinear ``field [h, w, 2]`` float32 at pixel positions ``xy [..., 2]`` (x, y), edge values
-    continued outside the image (OpenCV ``remap``, as flow chaining needs). Returns ``[..., 2]``."""
-    pts = np.asarray(xy, np.float32).reshape(-1, 1, 2)
-    out = cv2.remap(field, pts[..., 0], pts[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return out.reshape(*np.shape(xy)[:-1], field.shape[-1])
+    continued outside the image (OpenCV ``remap``, as flow chaining needs). Returns ``[..., 2]``
+    (``[..., C]`` for a field of ``C`` channels)."""
+    pts = np.asarray(xy, np.float32).reshape(-1, 2)
+    if len(pts) == 0:
+        return np.zeros((*np.shape(xy)[:-1], field.shape[-1]), np.float32)
+    # remap's map must be under 32767 rows and columns: the points as rows of at most 4096.
+    cols = min(len(pts), 4096)
+    rows = -(-len(pts) // cols)
+    grid = np.zeros((rows * cols, 2), np.float32)
+    grid[:len(pts)] = pts
+    grid = grid.reshape(rows, cols, 2)
+    out = cv2.remap(field, grid[..., 0], grid[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(rows * cols, -1)[:len(pts)].reshape(*np.shape(xy)[:-1], field.shape[-1])
 
 
 def compose_flows(flow_ab: np.ndarray, flow_bc: np.ndarray) -> np.ndarray:

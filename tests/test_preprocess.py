@@ -10,7 +10,7 @@ import pytest
 
 from fastomni import preprocess as pp
 from fastomni.io import write_frames
-from fastomni.preprocess import (appearance_similarity, cycle_masks, detect_cuts, estimate_cost, frame_pairs,
+from fastomni.preprocess import (appearance_similarity, cycle_masks, detect_cuts, edge_sample, estimate_cost, frame_pairs,
                                  pair_intervals, preprocess, read_shots)
 from fastomni.synthetic import make_video
 
@@ -135,6 +135,19 @@ def test_input_from_a_frame_folder_and_printed_estimate(tmp_path, video, capsys)
     assert len(os.listdir(os.path.join(seq, "raft_exhaustive"))) == 6
     out = capsys.readouterr().out
     assert f"3 frames of {W}x{H}, 6 ordered pairs (4 adjacent or reused, 2 to compute)" in out
+
+
+def test_edge_sample_any_number_of_points():
+    """More points than OpenCV's remap takes in one row (32767) give the same values as in chunks;
+    none give an empty array."""
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(20, 30, 3)).astype(np.float32)
+    xy = rng.uniform(-3, 33, (40000, 2)).astype(np.float32)
+    whole = edge_sample(field, xy.reshape(200, 200, 2))
+    assert whole.shape == (200, 200, 3)
+    np.testing.assert_array_equal(whole.reshape(-1, 3), np.concatenate([edge_sample(field, c) for c in np.split(xy, 10)]))
+    np.testing.assert_allclose(edge_sample(field, np.array([[4.0, 7.0]], np.float32)), field[7:8, 4], atol=1e-6)
+    assert edge_sample(field, np.zeros((0, 2), np.float32)).shape == (0, 3)
 
 
 def test_cycle_masks_translation():

@@ -11,7 +11,7 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_name, load_video, write_frames
 from fastomni.config import preset
 from fastomni.refind import FrameFeatures, refind_lost
-from fastomni.refine import banded_cholesky_solve, refine_tracks, run_refiner
+from fastomni.refine import banded_cholesky_solve, flow_noise, refine_tracks, run_refiner, select_flow
 from fastomni.subpixel import align_to_query
 
 F64 = TOLERANCES[__import__("torch").float64]
@@ -105,6 +105,83 @@ def test_refine_solves_its_energy(tmp_path, max_interval):
     assert not occ.any()
 
 
+def _sheared_pair(h=32, w=32, seed=0):
+    """Two frames of two textured surfaces either side of column 15.5: the left one moves 2 px
+    down, the right one 1 px up. Returns the frames ``[H, W, 3]`` float32, the true flow and the
+    flow as DIS blurs it (the vertical motion ramps from 2 to -1 over columns 13-19)."""
+    rng = np.random.default_rng(seed)
+    left, right = rng.uniform(0, 255, (2, h + 4, w, 3)).astype(np.float32)  # rows -2 .. h + 1
+    a, b = np.empty((2, h, w, 3), np.float32)
+    a[:, :16], a[:, 16:] = left[2:h + 2, :16], right[2:h + 2, 16:]
+    b[:, :16], b[:, 16:] = left[0:h, :16], right[3:h + 3, 16:]  # b(x, y + 2) = a(x, y) on the left
+    truth = np.zeros((h, w, 2), np.float32)
+    truth[:, :16, 1], truth[:, 16:, 1] = 2.0, -1.0
+    blurred = truth.copy()
+    blurred[:, 13:20, 1] = np.linspace(2.0, -1.0, 7, dtype=np.float32)
+    return a, b, truth, blurred
+
+
+def test_select_flow_takes_the_motion_of_the_surface_the_point_is_on():
+    a, b, truth, blurred = _sheared_pair()
+    cycle_ok = np.full(a.shape[:2], 255, np.float32)
+    cycle_ok[:, 14:19] = 0  # the blended columns fail the cycle check
+    near = np.array([[13.5, 10.25], [14.0, 7.5], [15.0, 20.75], [16.0, 10.25], [16.5, 12.0], [17.5, 5.5]], np.float32)
+    far = np.array([[5.0, 10.25], [26.5, 12.75]], np.float32)
+    xa = np.concatenate([near, far])
+    expected = np.where(xa[:, :1] < 15.5, [0.0, 2.0], [0.0, -1.0])
+
+    bilinear, bilinear_ok = select_flow(blurred, cycle_ok, a, b, xa, noise=0.0, radius=0)
+    assert (np.abs(bilinear[:len(near), 1] - expected[:len(near), 1]) >= 0.25).all()  # the blend is off
+    assert (bilinear_ok[:len(near)] < 255).all()
+
+    chosen, chosen_ok = select_flow(blurred, cycle_ok, a, b, xa, noise=0.0, radius=3)
+    np.testing.assert_allclose(chosen, expected, atol=1e-6)
+    np.testing.assert_array_equal(chosen_ok, 255)  # the flag of the pixel the vector came from
+    np.testing.assert_array_equal(chosen[len(near):], bilinear[len(near):])  # uniform flow: untouched
+
+    # A neighbour must beat the bilinear vector by more than the noise; 1 px is not enough.
+    np.testing.assert_array_equal(select_flow(blurred, cycle_ok, a, b, xa, noise=1e9, radius=3)[0], bilinear)
+    narrow, _ = select_flow(blurred, cycle_ok, a, b, xa, noise=0.0, radius=1)
+    assert (np.abs(narrow[:len(near), 1] - expected[:len(near), 1]) > 1e-3).any()
+
+
+def test_refine_follows_the_surface_the_point_is_on(tmp_path):
+    """A point 1.5 px left of an edge whose flow DIS blurs: refined with the flow's candidates it
+    moves with its own surface (2 px down); with the bilinear flow only, with the blend (1.5 px)."""
+    a, b, _, blurred = _sheared_pair()
+    frames = np.rint(np.stack([a, b])).astype(np.uint8)
+    seq = _sequence(str(tmp_path / "seq"), 2, 32, 32, frames=frames)
+    np.save(os.path.join(seq, "raft_exhaustive", f"{frame_name(0)}_{frame_name(1)}.npy"), blurred)
+    np.save(os.path.join(seq, "raft_exhaustive", f"{frame_name(1)}_{frame_name(0)}.npy"), -blurred)  # reversed
+    q = np.array([[0, 10.25, 14.0]])
+    model = np.array([[[14.0, 10.25], [14.0, 11.0]]])
+    refined, _ = refine_tracks(model, np.zeros((1, 2), bool), q, seq, max_interval=1, smooth=0.0)
+    np.testing.assert_allclose(refined[0, 1], [14.0, 12.25], atol=0.01)
+    bilinear, _ = refine_tracks(model, np.zeros((1, 2), bool), q, seq, max_interval=1, smooth=0.0, candidate_radius=0)
+    assert abs(bilinear[0, 1, 1] - 12.25) > 0.3
+
+
+def test_flow_noise_is_the_median_colour_difference_of_consistent_pixels():
+    rng = np.random.default_rng(1)
+    texture = rng.uniform(0, 255, (70, 64, 3)).astype(np.float32)
+    a, b = texture[3:67].copy(), texture[0:64].copy()  # b(x, y + 3) = a(x, y)
+    flow = np.zeros((64, 64, 2), np.float32)
+    flow[..., 1] = 3.0
+    inside = np.ones((64, 64), bool)
+    inside[-3:] = False  # rows whose flow ends outside b
+    assert flow_noise(flow, inside, a, b) == 0.0
+    sigma = 5.0
+    noisy_a, noisy_b = (x + rng.normal(0, sigma, x.shape).astype(np.float32) for x in (a, b))
+    # The mean over 3 channels of (2 sigma^2) chi^2_1 draws: median (2 sigma^2 / 3) * 2.366 = 39.4.
+    noise = flow_noise(flow, inside, noisy_a, noisy_b)
+    assert 39.4 * 0.9 < noise < 39.4 * 1.1
+    wrong = flow.copy()
+    wrong[:, 32:] = 7.0  # wrong flow where the cycle check fails: not counted
+    inside[:, 32:] = False
+    assert 39.4 * 0.85 < flow_noise(wrong, inside, noisy_a, noisy_b) < 39.4 * 1.15
+    assert flow_noise(wrong, np.zeros_like(inside), noisy_a, noisy_b) > 2 * noise  # none consistent: all
+
+
 def test_refine_without_valid_flow_smooths_the_model(tmp_path):
     """No cycle-consistent flow: only the prior and the acceleration term are left (a straight
     model track through the query stays as it is; a bent one is smoothed as the energy says)."""
@@ -190,6 +267,10 @@ def test_refine_rejects_bad_input(tmp_path):
         refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, max_interval=0)
     with pytest.raises(InputError, match="max_color_change"):
         refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, max_color_change=0.0)
+    with pytest.raises(InputError, match="candidate_radius >= 0"):
+        refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, candidate_radius=-1)
+    with pytest.raises(InputError, match=r"frames \[4, 8, 8, 3\] expected, got \(4, 8, 9, 3\)"):
+        refine_tracks(np.zeros((1, 4, 2)), np.zeros((1, 4), bool), q, seq, frames=np.zeros((4, 8, 9, 3), np.uint8))
 
 
 def _refound(tracks, occluded, q, seq):
