@@ -10,8 +10,8 @@ import pytest
 
 from fastomni import preprocess as pp
 from fastomni.io import write_frames
-from fastomni.preprocess import (appearance_similarity, cycle_masks, detect_cuts, edge_sample, estimate_cost, frame_pairs,
-                                 pair_intervals, preprocess, read_shots)
+from fastomni.preprocess import (appearance_similarity, cycle_masks, detect_cuts, edge_sample, estimate_cost,
+                                 frame_pairs, pair_intervals, preprocess, read_shots)
 from fastomni.synthetic import make_video
 
 T, H, W = 8, 48, 64
@@ -145,7 +145,8 @@ def test_edge_sample_any_number_of_points():
     xy = rng.uniform(-3, 33, (40000, 2)).astype(np.float32)
     whole = edge_sample(field, xy.reshape(200, 200, 2))
     assert whole.shape == (200, 200, 3)
-    np.testing.assert_array_equal(whole.reshape(-1, 3), np.concatenate([edge_sample(field, c) for c in np.split(xy, 10)]))
+    chunks = np.concatenate([edge_sample(field, c) for c in np.split(xy, 10)])
+    np.testing.assert_array_equal(whole.reshape(-1, 3), chunks)
     np.testing.assert_allclose(edge_sample(field, np.array([[4.0, 7.0]], np.float32)), field[7:8, 4], atol=1e-6)
     assert edge_sample(field, np.zeros((0, 2), np.float32)).shape == (0, 3)
 

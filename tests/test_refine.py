@@ -107,22 +107,21 @@ def test_refine_solves_its_energy(tmp_path, max_interval):
 
 def _sheared_pair(h=32, w=32, seed=0):
     """Two frames of two textured surfaces either side of column 15.5: the left one moves 2 px
-    down, the right one 1 px up. Returns the frames ``[H, W, 3]`` float32, the true flow and the
-    flow as DIS blurs it (the vertical motion ramps from 2 to -1 over columns 13-19)."""
+    down, the right one 1 px up. Returns the frames ``[H, W, 3]`` float32 and the flow as DIS
+    blurs it (the vertical motion ramps from 2 to -1 over columns 13-19)."""
     rng = np.random.default_rng(seed)
     left, right = rng.uniform(0, 255, (2, h + 4, w, 3)).astype(np.float32)  # rows -2 .. h + 1
     a, b = np.empty((2, h, w, 3), np.float32)
     a[:, :16], a[:, 16:] = left[2:h + 2, :16], right[2:h + 2, 16:]
     b[:, :16], b[:, 16:] = left[0:h, :16], right[3:h + 3, 16:]  # b(x, y + 2) = a(x, y) on the left
-    truth = np.zeros((h, w, 2), np.float32)
-    truth[:, :16, 1], truth[:, 16:, 1] = 2.0, -1.0
-    blurred = truth.copy()
+    blurred = np.zeros((h, w, 2), np.float32)
+    blurred[:, :16, 1], blurred[:, 16:, 1] = 2.0, -1.0
     blurred[:, 13:20, 1] = np.linspace(2.0, -1.0, 7, dtype=np.float32)
-    return a, b, truth, blurred
+    return a, b, blurred
 
 
 def test_select_flow_takes_the_motion_of_the_surface_the_point_is_on():
-    a, b, truth, blurred = _sheared_pair()
+    a, b, blurred = _sheared_pair()
     cycle_ok = np.full(a.shape[:2], 255, np.float32)
     cycle_ok[:, 14:19] = 0  # the blended columns fail the cycle check
     near = np.array([[13.5, 10.25], [14.0, 7.5], [15.0, 20.75], [16.0, 10.25], [16.5, 12.0], [17.5, 5.5]], np.float32)
@@ -139,8 +138,9 @@ def test_select_flow_takes_the_motion_of_the_surface_the_point_is_on():
     np.testing.assert_array_equal(chosen_ok, 255)  # the flag of the pixel the vector came from
     np.testing.assert_array_equal(chosen[len(near):], bilinear[len(near):])  # uniform flow: untouched
 
-    # A neighbour must beat the bilinear vector by more than the noise; 1 px is not enough.
+    # A neighbour must beat the bilinear vector by more than the noise.
     np.testing.assert_array_equal(select_flow(blurred, cycle_ok, a, b, xa, noise=1e9, radius=3)[0], bilinear)
+    # Within 1 px, some points have only blended neighbours.
     narrow, _ = select_flow(blurred, cycle_ok, a, b, xa, noise=0.0, radius=1)
     assert (np.abs(narrow[:len(near), 1] - expected[:len(near), 1]) > 1e-3).any()
 
@@ -148,7 +148,7 @@ def test_select_flow_takes_the_motion_of_the_surface_the_point_is_on():
 def test_refine_follows_the_surface_the_point_is_on(tmp_path):
     """A point 1.5 px left of an edge whose flow DIS blurs: refined with the flow's candidates it
     moves with its own surface (2 px down); with the bilinear flow only, with the blend (1.5 px)."""
-    a, b, _, blurred = _sheared_pair()
+    a, b, blurred = _sheared_pair()
     frames = np.rint(np.stack([a, b])).astype(np.uint8)
     seq = _sequence(str(tmp_path / "seq"), 2, 32, 32, frames=frames)
     np.save(os.path.join(seq, "raft_exhaustive", f"{frame_name(0)}_{frame_name(1)}.npy"), blurred)
