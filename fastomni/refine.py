@@ -135,14 +135,6 @@ def _read_frame(path: str) -> np.ndarray:
     return image
 
 
-def _read_color_blur(frame_paths: list[str]):
-    """``t -> color_blur`` of the file ``frame_paths[t]`` (its channel order), read on each call."""
-    def color_frame(f: int) -> np.ndarray:
-        return color_blur(_read_frame(frame_paths[f]))
-
-    return color_frame
-
-
 def track_colors(color_frame, x: np.ndarray) -> np.ndarray:
     """Colours ``[T, N, 3]`` (0-255) of positions ``x [T, N, 2]`` (pixels; clamped to the image,
     non-finite read as 0) in the frames ``color_frame(t)`` (``[H, W, 3]``, blurred by
@@ -212,9 +204,9 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), against ``seq_dir``'s filtered
     flow (see the module docstring). ``color_frame``: ``t ->`` frame ``t`` blurred by
     :func:`color_blur` for the colour test (a cache such as
-    :meth:`fastomni.refind.FrameFeatures.color`); default: read from ``seq_dir``'s files on each
-    call. ``frames``: ``seq_dir``'s frames ``[T, H, W, 3]`` uint8 (any channel order) for
-    :func:`select_flow`; default: read from its files. ``candidate_radius``: :func:`select_flow`'s
+    :meth:`fastomni.refind.FrameFeatures.color`); default: :func:`color_blur` of ``frames``.
+    ``frames``: ``seq_dir``'s frames ``[T, H, W, 3]`` uint8 (any channel order) for
+    :func:`select_flow` and the colour test; default: read from its files, once. ``candidate_radius``: :func:`select_flow`'s
     ``radius`` (0: the bilinear flow only). Returns ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
     """
     tracks = np.asarray(tracks, np.float64)
@@ -302,7 +294,7 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     median = 0.5 * (np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, 1)
                     + np.take_along_axis(ordered, count // 2, 1))[:, 0]
     outside = (x[..., 0] < 0) | (x[..., 0] > w - 1) | (x[..., 1] < 0) | (x[..., 1] > h - 1)
-    colors = track_colors(color_frame or _read_color_blur(frame_paths), x)
+    colors = track_colors(color_frame or (lambda f: color_blur(frames[f])), x)
     recolored = np.linalg.norm(colors - colors[qt, rows][None], axis=-1) > max_color_change
     out_occluded = occluded | (outside | recolored | (count[:, 0] > 0) & (median > residual_th)).T
     out_occluded[rows, qt] = False
