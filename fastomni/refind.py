@@ -17,7 +17,9 @@ refinement reports occluded:
    background behind it);
 3. a candidate ``S(x, y)`` passes when the patch around the query warped by ``S`` correlates with
    frame ``t`` (normalised cross-correlation of grey patches of :data:`PATCH` px radius, at least
-   ``min_ncc``) and the colour there (frames blurred as in the refinement's colour test) is within
+   ``min_ncc``; the refiner weights the pixels by the query's surface support,
+   :func:`fastomni.refine.surface_support`, so that next to an object's edge the other surface
+   does not count) and the colour there (frames blurred as in the refinement's colour test) is within
    ``max_color_change`` of the query's; the passing candidate that correlates best is accepted, and
    the frame reported visible;
 4. the frames still reported occluded get positions interpolated linearly in time between the
@@ -52,8 +54,8 @@ from fastomni.inputs import InputError
 from fastomni.preprocess import edge_sample
 from fastomni.refine import color_blur
 
-__all__ = ["FrameFeatures", "interpolate_in_time", "patch_ncc", "query_patches", "refind_lost", "track_arrays",
-           "warped_patches"]
+__all__ = ["FrameFeatures", "interpolate_in_time", "patch_ncc", "patch_support", "query_patches", "refind_lost",
+           "track_arrays", "warped_patches"]
 
 UPSAMPLE = 2.0  # SIFT runs on frames upsampled this many times
 MAX_KEYPOINTS = 2000  # per frame (bounds memory and matching time on large frames)
@@ -139,11 +141,30 @@ def query_patches(image: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return warped_patches(image, centers, np.broadcast_to(np.eye(2, 3), (len(centers), 2, 3)))
 
 
-def patch_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Normalised cross-correlation of patches ``[K, ...]`` pairwise, ``[K]``."""
-    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
-    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-6)
+def patch_ncc(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Normalised cross-correlation of patches ``[K, ...]`` pairwise, ``[K]``, each pixel weighted
+    by ``weights [K, ...]`` (non-negative, none all 0; default: all 1)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    w = np.ones_like(a) if weights is None else weights.reshape(len(a), -1)
+    w = w / w.sum(1, keepdims=True)
+    a = a - (w * a).sum(1, keepdims=True)
+    b = b - (w * b).sum(1, keepdims=True)
+    return (w * a * b).sum(1) / (np.sqrt((w * a * a).sum(1) * (w * b * b).sum(1)) + 1e-6)
+
+
+def patch_support(support, num: int) -> np.ndarray:
+    """``support`` as float32 ``[num, 2P+1, 2P+1]`` weights of patch pixels (``P =`` :data:`PATCH`);
+    None: all 1. Raises :class:`InputError` on another shape, or weights that are negative,
+    non-finite or all 0 for a patch."""
+    side = 2 * PATCH + 1
+    if support is None:
+        return np.ones((num, side, side), np.float32)
+    support = np.asarray(support, np.float32)
+    if support.shape != (num, side, side) or not np.isfinite(support).all() or (support < 0).any() \
+            or not (support.reshape(num, -1).sum(1) > 0).all():
+        raise InputError(f"support [{num}, {side}, {side}] of finite non-negative weights, none all 0, expected, "
+                         f"got {support.shape}")
+    return support
 
 
 def track_arrays(tracks, occluded, query_points, features: FrameFeatures
@@ -167,10 +188,12 @@ def interpolate_in_time(frames: np.ndarray, known: np.ndarray, values: np.ndarra
 
 
 def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius: float = 32.0,
-                max_color_change: float = 40.0, min_ncc: float = 0.6, min_matches: int = 3
+                max_color_change: float = 40.0, min_ncc: float = 0.6, min_matches: int = 3, support=None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-find the occluded frames of ``tracks [N, T, 2]`` (x, y pixels of ``features``' frames) with
     ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), as the module docstring says.
+    ``support [N, 2P+1, 2P+1]`` (``P =`` :data:`PATCH`): the weights of the verification patches'
+    pixels (:func:`~fastomni.refine.surface_support`: the query's surface only); default: all 1.
     Non-finite positions (frames of another shot) are left as they are. Returns
     ``(tracks [N, T, 2] float32, occluded [N, T] bool)``."""
     x, occ, q = track_arrays(tracks, occluded, query_points, features)
@@ -178,6 +201,7 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
     if not (radius > 0 and max_color_change > 0 and -1 <= min_ncc <= 1 and min_matches >= 2):
         raise InputError("refind_lost needs radius > 0, max_color_change > 0, min_ncc in [-1, 1] and min_matches >= 2; "
                          f"got {radius}, {max_color_change}, {min_ncc}, {min_matches}")
+    support = patch_support(support, num)
     h, w = features.frames.shape[1:3]
     qt = q[:, 0].astype(np.int64)
     anchor = q[:, [2, 1]]
@@ -216,7 +240,8 @@ def refind_lost(tracks, occluded, query_points, features: FrameFeatures, radius:
                 if not len(inside):
                     continue
                 at = np.searchsorted(own, rows[inside])
-                score = patch_ncc(query_patch[at], warped_patches(features.gray(t), anchor[rows[inside]], fits[inside]))
+                score = patch_ncc(query_patch[at], warped_patches(features.gray(t), anchor[rows[inside]], fits[inside]),
+                                  support[rows[inside]])
                 color = edge_sample(features.color(t), found[inside].astype(np.float32))
                 change = np.linalg.norm(color - query_color[at], axis=1)
                 better = (score >= min_ncc) & (change <= max_color_change) & (score > best[inside])

@@ -60,12 +60,14 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_files
 from fastomni.preprocess import edge_sample
 
-__all__ = ["CANDIDATE_RADIUS", "COLOR_SIGMA", "SPREAD_TH", "banded_cholesky_solve", "color_blur", "flow_noise",
-           "refine_tracks", "refiner", "refiner_settings", "run_refiner", "select_flow", "track_colors"]
+__all__ = ["CANDIDATE_RADIUS", "COLOR_SIGMA", "SPREAD_TH", "SUPPORT_TH", "banded_cholesky_solve", "color_blur",
+           "flow_noise", "refine_tracks", "refiner", "refiner_settings", "run_refiner", "select_flow",
+           "surface_support", "track_colors"]
 
 COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
 CANDIDATE_RADIUS = 3  # px: the neighbourhood whose flow vectors compete in select_flow (docs/fast-preset.md, round 8)
 SPREAD_TH = 0.25  # px: select_flow keeps the bilinear vector where the flow varies less than this in the neighbourhood
+SUPPORT_TH = 0.5  # px: surface_support's largest flow difference from the track's step (docs/fast-preset.md, round 9)
 
 
 def banded_cholesky_solve(band: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -302,17 +304,55 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     return x.transpose(1, 0, 2).astype(np.float32), out_occluded
 
 
+def surface_support(tracks, query_points, seq_dir: str, radius: int, threshold: float = SUPPORT_TH) -> np.ndarray:
+    """Which pixels around each query lie on the query's surface, judged by motion: ``[N, 2 r + 1,
+    2 r + 1]`` float32 (``r = radius``; rows y, columns x, centred on the query), 1 where the flow
+    from the query's frame ``q`` to ``q - 1`` and to ``q + 1`` (the pairs ``seq_dir`` holds) at the
+    pixel differs from the track's step ``tracks[q +- 1] - tracks[q]`` by at most ``threshold`` px,
+    else 0; the query's own pixel is always 1, and a query with no such pair or step is all 1.
+    ``tracks [N, T, 2]`` (x, y pixels of ``seq_dir``'s frames, refined), ``query_points [N, 3]``
+    (t, y, x). Within a few pixels of an object's edge a patch around the query holds two surfaces;
+    :func:`fastomni.refind.refind_lost` and :func:`fastomni.subpixel.align_to_query` weight their
+    patches by this (docs/fast-preset.md, round 9)."""
+    x = np.asarray(tracks, np.float64)
+    q = np.asarray(query_points, np.float64)
+    if x.ndim != 3 or x.shape[2] != 2 or q.shape != (len(x), 3) or not int(radius) == radius >= 0:
+        raise InputError(f"tracks [N, T, 2], query_points [N, 3] and an integer radius >= 0 expected, got "
+                         f"{x.shape}, {q.shape} and {radius}")
+    radius = int(radius)
+    side = np.arange(-radius, radius + 1, dtype=np.float32)
+    grid = np.stack(np.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)  # [P, 2]
+    deviation = np.zeros((len(x), len(grid)))  # the largest flow difference from the step, per pixel
+    pairs = {(a, b): flow for a, b, flow, _ in _flow_pairs(seq_dir, _frame_paths(seq_dir, x.shape[1]), 1)}
+    qt = q[:, 0].astype(np.int64)
+    for a in np.unique(qt):
+        rows = np.flatnonzero(qt == a)
+        points = (q[rows][:, None, [2, 1]] + grid).reshape(-1, 2).astype(np.float32)
+        for b in (a - 1, a + 1):
+            if (a, b) not in pairs:
+                continue
+            step = x[rows, b] - x[rows, a]
+            flow = edge_sample(np.load(pairs[a, b]), points).reshape(len(rows), len(grid), 2)
+            off = np.linalg.norm(flow - step[:, None], axis=-1)
+            deviation[rows] = np.where(np.isfinite(step).all(1)[:, None], np.maximum(deviation[rows], off),
+                                       deviation[rows])
+    support = deviation <= threshold
+    support[:, len(grid) // 2] = True
+    return support.astype(np.float32).reshape(len(x), 2 * radius + 1, 2 * radius + 1)
+
+
 def refiner(seq_dir: str, cfg):
     """:func:`refine_tracks` bound to ``seq_dir`` and ``cfg.refine_interval``, then, when set,
     :func:`fastomni.refind.refind_lost` with ``cfg.refind_radius`` and
-    :func:`fastomni.subpixel.align_to_query` with ``cfg.align_radius`` (one
+    :func:`fastomni.subpixel.align_to_query` with ``cfg.align_radius``, both weighting their patches
+    by the :func:`surface_support` of the refined tracks (one
     :class:`~fastomni.refind.FrameFeatures` of the sequence for every call, whose blurred frames the
     refinement's colour test reads too), as ``refine(tracks, occluded, query_points, progress=False)``;
     None when the config does not refine."""
     if not cfg.refine_interval:
         return None
     from fastomni.io import load_video
-    from fastomni.refind import FrameFeatures, refind_lost
+    from fastomni.refind import PATCH, FrameFeatures, refind_lost
     from fastomni.subpixel import align_to_query
 
     features = (FrameFeatures(load_video(os.path.join(seq_dir, "color")))
@@ -322,10 +362,11 @@ def refiner(seq_dir: str, cfg):
         tracks, occluded = refine_tracks(tracks, occluded, query_points, seq_dir, cfg.refine_interval,
                                          color_frame=None if features is None else features.color,
                                          frames=None if features is None else features.frames, progress=progress)
+        support = surface_support(tracks, query_points, seq_dir, PATCH) if features is not None else None
         if cfg.refind_radius:
-            tracks, occluded = refind_lost(tracks, occluded, query_points, features, cfg.refind_radius)
+            tracks, occluded = refind_lost(tracks, occluded, query_points, features, cfg.refind_radius, support=support)
         if cfg.align_radius:
-            tracks = align_to_query(tracks, occluded, query_points, features, cfg.align_radius)
+            tracks = align_to_query(tracks, occluded, query_points, features, cfg.align_radius, support=support)
         return tracks, occluded
 
     return refine

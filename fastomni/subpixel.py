@@ -14,12 +14,15 @@ frame by frame outwards from the query in both directions:
    Gauss-Newton (Lucas-Kanade), started at the track's position and at the ``A`` of the last frame
    aligned nearer the query (the identity at the query). At each iteration the patch's brightness
    and contrast are matched to the template's, and the pixels are weighted by a Gaussian of sigma
-   ``radius / 2`` and by ``min(1, HUBER * contrast / |residual|)`` (a corner of the patch on
-   another surface counts as an outlier);
+   ``radius / 2``, by the query's surface support (the refiner's
+   :func:`fastomni.refine.surface_support`: 0 on pixels that do not move with the query) and by
+   ``min(1, HUBER * contrast / |residual|)`` (a corner of the patch on another surface counts as
+   an outlier);
 3. the fit is kept where it can be trusted: the larger patch that
-   :mod:`fastomni.refind` verifies with (radius :data:`~fastomni.refind.PATCH`), warped by the fit,
-   correlates with the query's (normalised cross-correlation at least ``min_ncc``; tested on the
-   fitted patch alone, fits matched 40-50% of the frames of an unrelated texture); ``A``
+   :mod:`fastomni.refind` verifies with (radius :data:`~fastomni.refind.PATCH`, weighted by the
+   same support), warped by the fit, correlates with the query's (normalised cross-correlation at
+   least ``min_ncc``; tested on the fitted patch alone, fits matched 40-50% of the frames of an
+   unrelated texture); ``A``
    changed by at most :data:`MAX_WARP_CHANGE` per frame since the last frame aligned; the position
    moved by at most ``max_shift`` pixels; both fitted patches lie inside their frames; and the
    patch has texture in every direction (the fit's position uncertainty, in units of the
@@ -50,8 +53,8 @@ import cv2
 import numpy as np
 
 from fastomni.inputs import InputError
-from fastomni.refind import (PATCH, FrameFeatures, interpolate_in_time, patch_ncc, query_patches, track_arrays,
-                             warped_patches)
+from fastomni.refind import (PATCH, FrameFeatures, interpolate_in_time, patch_ncc, patch_support, query_patches,
+                             track_arrays, warped_patches)
 
 __all__ = ["align_to_query"]
 
@@ -108,24 +111,34 @@ def _spread(x: np.ndarray, shift: np.ndarray, qt: np.ndarray) -> np.ndarray:
 
 
 def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radius: int = 4,
-                   max_shift: float = 2.5, min_ncc: float = 0.8, iterations: int = 10) -> np.ndarray:
+                   max_shift: float = 2.5, min_ncc: float = 0.8, iterations: int = 10, support=None) -> np.ndarray:
     """Align the visible positions of ``tracks [N, T, 2]`` (x, y pixels of ``features``' frames),
     with ``occluded [N, T]`` bool and ``query_points [N, 3]`` (t, y, x), to the query's patch, as the
-    module docstring says. Returns the tracks ``[N, T, 2]`` float32 (non-finite positions as
-    they are)."""
+    module docstring says. ``support [N, 2P+1, 2P+1]`` (``P =`` :data:`~fastomni.refind.PATCH`,
+    at least ``radius``): weights of the patches' pixels, as for
+    :func:`~fastomni.refind.refind_lost`; the fit's pixels take its centre ``2 radius + 1`` square,
+    which must not be all 0. Default: all 1. Returns the tracks ``[N, T, 2]`` float32 (non-finite
+    positions as they are)."""
     x, occ, q = track_arrays(tracks, occluded, query_points, features)
     num, frames = occ.shape
-    if not (int(radius) == radius >= 1 and max_shift > 0 and -1 <= min_ncc <= 1 and int(iterations) == iterations >= 1):
-        raise InputError("align_to_query needs an integer radius >= 1, max_shift > 0, min_ncc in [-1, 1] and an "
-                         f"integer iterations >= 1; got {radius}, {max_shift}, {min_ncc}, {iterations}")
+    if not (int(radius) == radius >= 1 and max_shift > 0 and -1 <= min_ncc <= 1 and int(iterations) == iterations >= 1
+            and (support is None or radius <= PATCH)):
+        raise InputError("align_to_query needs an integer radius >= 1 (at most PATCH with a support), max_shift > 0, "
+                         f"min_ncc in [-1, 1] and an integer iterations >= 1; got {radius}, {max_shift}, {min_ncc}, "
+                         f"{iterations}")
     radius, iterations = int(radius), int(iterations)
     h, w = features.frames.shape[1:3]
     qt = q[:, 0].astype(np.int64)
     anchor = q[:, [2, 1]]
     side = np.arange(-radius, radius + 1, dtype=np.float64)
     offsets = np.stack(np.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)  # [P, 2]
-    weights = np.exp(-(offsets ** 2).sum(1) / (2 * (radius / 2) ** 2))
-    weights = (weights / weights.sum()).astype(np.float32)
+    support = patch_support(support, num)
+    crop = support[:, PATCH - radius:PATCH + radius + 1, PATCH - radius:PATCH + radius + 1] if radius <= PATCH \
+        else np.ones((num, 2 * radius + 1, 2 * radius + 1), np.float32)
+    if not (crop.reshape(num, -1).sum(1) > 0).all():
+        raise InputError(f"support: the centre {2 * radius + 1}x{2 * radius + 1} square of a patch is all 0")
+    weights = np.exp(-(offsets ** 2).sum(1) / (2 * (radius / 2) ** 2)) * crop.reshape(num, -1)  # [N, P]
+    weights = (weights / weights.sum(1, keepdims=True)).astype(np.float32)
     lo, hi = np.array([1.0, 1.0]), np.array([w - 2.0, h - 2.0])  # patches keep one pixel from the edge
     template = np.empty((num, len(offsets)), np.float32)
     verify = np.empty((num, 2 * PATCH + 1, 2 * PATCH + 1), np.float32)  # the query's verification patches
@@ -150,12 +163,12 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                     continue
                 if f not in images:
                     images[f] = _gray_with_gradients(features, f)
-                start, a_mat = x[rows, f], warp[rows].copy()
+                start, a_mat, row_weights = x[rows, f], warp[rows].copy(), weights[rows]
                 p = start.copy()
                 for it in range(iterations + 1):
                     points = p[:, None] + offsets @ a_mat.transpose(0, 2, 1)
                     sampled = _bilinear(images[f], points)
-                    mean, std = _weighted_stats(sampled[..., 0], weights)
+                    mean, std = _weighted_stats(sampled[..., 0], row_weights)
                     gain = template_std[rows] / std
                     patch = (sampled[..., 0] - mean) * gain
                     if it == iterations:
@@ -164,8 +177,8 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                     gx, gy = sampled[..., 1] * gain, sampled[..., 2] * gain
                     jac = np.stack([gx * offsets[:, 0], gx * offsets[:, 1], gy * offsets[:, 0], gy * offsets[:, 1],
                                     gx, gy], -1)  # d patch / d (A11, A12, A21, A22, px, py)  [K, P, 6]
-                    jac -= (weights @ jac)[:, None]  # the patch's mean moves with it
-                    robust = weights * np.minimum(1.0, HUBER * template_std[rows] / (np.abs(residual) + 1e-9))
+                    jac -= np.einsum("kp,kpj->kj", row_weights, jac)[:, None]  # the patch's mean moves with it
+                    robust = row_weights * np.minimum(1.0, HUBER * template_std[rows] / (np.abs(residual) + 1e-9))
                     weighted = (jac * robust[..., None]).transpose(0, 2, 1)  # [K, 6, P]
                     hessian = (weighted @ jac).astype(np.float64) + 1e-6 * np.eye(6)
                     delta = -np.linalg.solve(hessian, (weighted @ residual[..., None]).astype(np.float64))[..., 0]
@@ -173,7 +186,8 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                     p += delta[:, 4:]
                 # the fitted warp about the query's position: A (c + u) + p - A c = p + A u
                 fitted = np.concatenate([a_mat, (p - np.einsum("kij,kj->ki", a_mat, anchor[rows]))[..., None]], -1)
-                ncc = patch_ncc(verify[rows], warped_patches(features.gray(f), anchor[rows], np.nan_to_num(fitted)))
+                ncc = patch_ncc(verify[rows], warped_patches(features.gray(f), anchor[rows], np.nan_to_num(fitted)),
+                                support[rows])
                 bent = np.linalg.norm((a_mat - warp[rows]).reshape(-1, 4), axis=1) / abs(f - warp_frame[rows])
                 aperture = np.sqrt(np.linalg.eigvalsh(np.linalg.inv(hessian)[:, 4:, 4:])[:, -1]) * template_std[rows, 0]
                 good = ((ncc >= min_ncc) & (bent <= MAX_WARP_CHANGE) & (aperture <= MAX_APERTURE)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastomni.inputs import InputError
-from fastomni.refind import FrameFeatures, refind_lost
+from fastomni.refind import PATCH, FrameFeatures, patch_ncc, refind_lost
 
 SIZE, NUM, HIDDEN = 96, 8, (2, 3, 4)
 QUERY = np.array([48.0, 48.0])  # (x, y) at frame 0
@@ -109,21 +109,51 @@ def test_refind_refuses_bad_input():
         refind_lost(tracks, occluded, q, features, radius=0.0)
     with pytest.raises(InputError, match="uint8"):
         FrameFeatures(np.zeros((2, 8, 8, 3), np.float32))
+    side = 2 * PATCH + 1
+    for support in (np.ones((1, side - 2, side - 2)), -np.ones((1, side, side)), np.zeros((1, side, side)),
+                    np.full((1, side, side), np.nan)):
+        with pytest.raises(InputError, match="support"):
+            refind_lost(tracks, occluded, q, features, support=support)
 
 
-def _two_surface_frames(seed: int = 1):
-    """A still textured background and, over the query, a textured 32 px square that moves 2 px
-    right per frame and turns 0.05 rad per frame; a red disc hides the query in the HIDDEN frames.
-    The background holds most of the matches near the query. Returns (frames, truth [NUM, 2])."""
+def test_patch_ncc_weights_pixels():
+    """Weights 0 leave pixels out of the correlation; all-equal weights change nothing."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2, 5, 5))
+    b = 3.0 * a + 1.0
+    b[:, :, 3:] = rng.normal(size=(2, 5, 2))  # two columns from elsewhere
+    weights = np.ones_like(a)
+    weights[:, :, 3:] = 0.0
+    np.testing.assert_allclose(patch_ncc(a, b, weights), 1.0, atol=1e-5)  # the denominator's 1e-6 guard
+    assert (patch_ncc(a, b) < 0.95).all()
+    np.testing.assert_allclose(patch_ncc(a, b, np.full_like(a, 0.3)), patch_ncc(a, b), atol=1e-12)
+
+
+def _square_motion(t: int) -> np.ndarray:
+    """The 32 px square's pixels -> frame t: 2 px right and 0.05 rad per frame, centred on QUERY at frame 0."""
+    m = cv2.getRotationMatrix2D((15.5, 15.5), np.degrees(0.05 * t), 1.0)
+    m[:, 2] += QUERY - 15.5 + [2.0 * t, 0.0]
+    return m
+
+
+def _square_inside(t: int) -> np.ndarray:
+    """``[SIZE, SIZE]`` bool: the square's pixels in frame t."""
+    return cv2.warpAffine(np.ones((32, 32), np.uint8), _square_motion(t), (SIZE, SIZE), flags=cv2.INTER_NEAREST) > 0
+
+
+def _two_surface_frames(seed: int = 1, point=(15.5, 15.5)):
+    """A still textured background and a textured 32 px square that moves by :func:`_square_motion`;
+    the query is the square's pixel ``point`` (x, y; default its centre, at QUERY); a red disc hides
+    it in the HIDDEN frames. The background holds most of the matches near the query. Returns
+    (frames, truth [NUM, 2])."""
     rng = np.random.default_rng(seed)
     background, square = _texture(rng, SIZE), _texture(rng, 32)
     frames, truth = [], []
     for t in range(NUM):
-        m = cv2.getRotationMatrix2D((15.5, 15.5), np.degrees(0.05 * t), 1.0)  # square pixels -> frame
-        m[:, 2] += QUERY - 15.5 + [2.0 * t, 0.0]
-        inside = cv2.warpAffine(np.ones((32, 32), np.uint8), m, (SIZE, SIZE), flags=cv2.INTER_NEAREST) > 0
-        frame = np.where(inside[..., None], cv2.warpAffine(square, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR), background)
-        truth.append(m[:, :2] @ [15.5, 15.5] + m[:, 2])
+        m = _square_motion(t)
+        frame = np.where(_square_inside(t)[..., None], cv2.warpAffine(square, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR),
+                         background)
+        truth.append(m[:, :2] @ point + m[:, 2])
         if t in HIDDEN:
             cv2.circle(frame, tuple(int(round(c)) for c in truth[-1]), 10, (255, 0, 0), -1)
         frames.append(frame)
@@ -147,3 +177,26 @@ def test_refind_finds_a_point_on_a_surface_that_moves_apart_from_its_surrounding
     monkeypatch.setattr(refind, "MOTIONS", 1)
     x, occ = refind_lost(tracks, occluded, q, FrameFeatures(frames))
     assert occ[0, back].all()  # one fit per cell: the background's, so the point stays lost
+
+
+def test_refind_with_the_surface_support_finds_a_point_next_to_its_surface_edge():
+    """The query 2 px inside the moving square's edge: the verification patch holds background
+    that does not move with it. Weighted by the square's pixels (the surface support) every frame
+    after the disc is found within 0.5 px; unweighted, the last one is not."""
+    frames, truth = _two_surface_frames(point=(1.5, 15.5))
+    tracks = truth[None].copy()
+    tracks[0, 2:] = truth[1]
+    occluded = np.zeros((1, NUM), bool)
+    occluded[0, 2:] = True
+    q = np.array([[0, truth[0, 1], truth[0, 0]]])
+    x0, y0 = np.rint(truth[0]).astype(int)
+    support = _square_inside(0)[y0 - PATCH:y0 + PATCH + 1, x0 - PATCH:x0 + PATCH + 1].astype(np.float32)[None]
+    assert 0.2 < support.mean() < 0.8
+    back = [t for t in range(2, NUM) if t not in HIDDEN]
+    x, occ = refind_lost(tracks, occluded, q, FrameFeatures(frames), support=support)
+    assert not occ[0, back].any() and occ[0, list(HIDDEN)].all()
+    np.testing.assert_allclose(x[0, back], truth[back], atol=0.5)
+    _, occ = refind_lost(tracks, occluded, q, FrameFeatures(frames))
+    assert occ[0, NUM - 1]
+    ones = np.ones_like(support)
+    np.testing.assert_array_equal(refind_lost(tracks, occluded, q, FrameFeatures(frames), support=ones)[1], occ)

@@ -10,8 +10,9 @@ from conftest import TOLERANCES
 from fastomni.inputs import InputError
 from fastomni.io import frame_name, load_video, write_frames
 from fastomni.config import preset
-from fastomni.refind import FrameFeatures, refind_lost
-from fastomni.refine import banded_cholesky_solve, flow_noise, refine_tracks, run_refiner, select_flow
+from fastomni.refind import PATCH, FrameFeatures, refind_lost
+from fastomni.refine import (banded_cholesky_solve, flow_noise, refine_tracks, run_refiner, select_flow,
+                             surface_support)
 from fastomni.subpixel import align_to_query
 
 F64 = TOLERANCES[__import__("torch").float64]
@@ -274,11 +275,47 @@ def test_refine_rejects_bad_input(tmp_path):
 
 
 def _refound(tracks, occluded, q, seq):
-    """The fast preset's stages after the refinement (fastomni.refind, then fastomni.subpixel) on
-    ``seq``'s frames."""
+    """The fast preset's stages after the refinement (fastomni.refind, then fastomni.subpixel, both
+    weighted by the refined tracks' surface support) on ``seq``'s frames."""
     cfg, features = preset("fast"), FrameFeatures(load_video(os.path.join(seq, "color")))
-    tracks, occluded = refind_lost(tracks, occluded, q, features, cfg.refind_radius)
-    return align_to_query(tracks, occluded, q, features, cfg.align_radius), occluded
+    support = surface_support(tracks, q, seq, PATCH)
+    tracks, occluded = refind_lost(tracks, occluded, q, features, cfg.refind_radius, support=support)
+    return align_to_query(tracks, occluded, q, features, cfg.align_radius, support=support), occluded
+
+
+def test_surface_support_keeps_the_pixels_that_move_with_the_query(tmp_path):
+    """Frame 2 of a sequence moving 1 px right, except from column 10 on, where the flows out of
+    frame 2 are 0 (into frame 1) and 0.6 px off (into frame 3): a query at column 8 keeps the
+    columns left of 10, and all of them at a threshold of 1 px or without flows to compare."""
+    num, size = 5, 20
+    seq = _sequence(str(tmp_path / "seq"), num, size, size)
+    for b, shift in ((1, (1.0, 0.0)), (3, (0.0, 0.6))):  # flow 2 -> b from column 10 on: step + shift
+        path = os.path.join(seq, "raft_exhaustive", f"{frame_name(2)}_{frame_name(b)}.npy")
+        flow = np.load(path)
+        flow[:, 10:] += np.float32(shift)
+        np.save(path, flow)
+    q = np.array([[2, 9.0, 8.0], [0, 9.0, 8.0]])  # (t, y, x); the second query's frame has no flow change
+    tracks = np.stack([np.stack([[8.0 + t - q_t, 9.0] for t in range(num)]) for q_t in (2, 0)])
+    support = surface_support(tracks, q, seq, radius=3)
+    assert support.shape == (2, 7, 7) and support.dtype == np.float32
+    want = np.zeros((7, 7), np.float32)
+    want[:, :5] = 1  # columns 5 .. 9 of the frame
+    np.testing.assert_array_equal(support[0], want)
+    np.testing.assert_array_equal(support[1], np.ones((7, 7)))
+    np.testing.assert_array_equal(surface_support(tracks, q, seq, radius=3, threshold=1.0), np.ones((2, 7, 7)))
+    lost = tracks.copy()
+    lost[0, 1:4] = np.nan  # no step to compare with: nothing to judge, all pixels kept
+    np.testing.assert_array_equal(surface_support(lost, q, seq, radius=3)[0], np.ones((7, 7)))
+    one = tracks.copy()
+    one[0, 3] = np.nan  # only the pair 2 -> 1 judges: the columns whose flow is 1 px off drop
+    np.testing.assert_array_equal(surface_support(one, q, seq, radius=3)[0], want)
+    for path in os.listdir(os.path.join(seq, "raft_exhaustive")):
+        os.remove(os.path.join(seq, "raft_exhaustive", path))
+    np.testing.assert_array_equal(surface_support(tracks, q, seq, radius=3), np.ones((2, 7, 7)))
+    with pytest.raises(InputError, match="radius"):
+        surface_support(tracks, q, seq, radius=1.5)
+    with pytest.raises(InputError, match="query_points"):
+        surface_support(tracks, q[:1], seq, radius=3)
 
 
 def test_run_refiner_finds_the_sequence_or_says_why(tmp_path):
