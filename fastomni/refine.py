@@ -61,7 +61,7 @@ from fastomni.io import frame_files
 from fastomni.preprocess import edge_sample
 
 __all__ = ["CANDIDATE_RADIUS", "COLOR_SIGMA", "SPREAD_TH", "SUPPORT_TH", "banded_cholesky_solve", "color_blur",
-           "flow_noise", "refine_tracks", "refiner", "refiner_settings", "run_refiner", "select_flow",
+           "flow_noise", "flow_spread", "refine_tracks", "refiner", "refiner_settings", "run_refiner", "select_flow",
            "surface_support", "track_colors"]
 
 COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
@@ -160,14 +160,23 @@ def flow_noise(flow: np.ndarray, cycle_ok: np.ndarray, frame_a: np.ndarray, fram
     return float(np.median(diff[cycle_ok] if cycle_ok.any() else diff))
 
 
+def flow_spread(flow: np.ndarray, radius: int = CANDIDATE_RADIUS) -> np.ndarray:
+    """How much ``flow [H, W, 2]`` varies around each pixel: the larger channel's range (max - min)
+    over the ``(2 r + 1)^2`` square centred there (``r = radius``), ``[H, W]``."""
+    window = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return (cv2.dilate(flow, window) - cv2.erode(flow, window)).max(-1)
+
+
 def select_flow(flow: np.ndarray, cycle_ok: np.ndarray, frame_a: np.ndarray, frame_b: np.ndarray, xa: np.ndarray,
-                noise: float, radius: int = CANDIDATE_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+                noise: float, radius: int = CANDIDATE_RADIUS, spread: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """The flow a -> b at points ``xa [N, 2]`` (x, y pixels), chosen as the module docstring says:
     the bilinear vector of ``flow [H, W, 2]``, unless the vector of a pixel within ``radius`` (a
     square) ends on a colour of ``frame_b`` closer to ``frame_a``'s at ``xa`` (``[H, W, 3]`` float32,
     squared difference, mean over channels) by more than ``noise``. ``cycle_ok [H, W]`` float32,
     255 where the flow is cycle-consistent. Points where the flow varies by at most
-    :data:`SPREAD_TH` px over the square keep the bilinear vector untested. Returns the vectors
+    :data:`SPREAD_TH` px over the square (``spread``: :func:`flow_spread` of ``flow`` and
+    ``radius``, computed when not given) keep the bilinear vector untested. Returns the vectors
     ``[N, 2]`` and their pixels' ``cycle_ok`` ``[N]`` (read bilinearly for the bilinear vector).
     ``radius`` 0: bilinear only."""
     step = edge_sample(flow, xa)
@@ -175,8 +184,8 @@ def select_flow(flow: np.ndarray, cycle_ok: np.ndarray, frame_a: np.ndarray, fra
     if radius == 0 or len(xa) == 0:
         return step, consistent
     h, w = flow.shape[:2]
-    window = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
-    spread = (cv2.dilate(flow, window) - cv2.erode(flow, window)).max(-1)  # [H, W] per-channel range
+    if spread is None:
+        spread = flow_spread(flow, radius)
     centre = np.rint(np.nan_to_num(xa)).astype(np.int32)
     cx, cy = np.clip(centre[:, 0], 0, w - 1), np.clip(centre[:, 1], 0, h - 1)
     rows = np.flatnonzero(spread[cy, cx] > SPREAD_TH)
@@ -208,8 +217,9 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     :func:`color_blur` for the colour test (a cache such as
     :meth:`fastomni.refind.FrameFeatures.color`); default: :func:`color_blur` of ``frames``.
     ``frames``: ``seq_dir``'s frames ``[T, H, W, 3]`` uint8 (any channel order) for
-    :func:`select_flow` and the colour test; default: read from its files, once. ``candidate_radius``: :func:`select_flow`'s
-    ``radius`` (0: the bilinear flow only). Returns ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
+    :func:`select_flow` and the colour test; default: read from its files, once.
+    ``candidate_radius``: :func:`select_flow`'s ``radius`` (0: the bilinear flow only). Returns
+    ``(tracks [N, T, 2] float32, occluded [N, T] bool)``.
     """
     tracks = np.asarray(tracks, np.float64)
     occluded = np.asarray(occluded, bool)
@@ -234,7 +244,7 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
     if np.shape(frames) != (t, h, w, 3):
         raise InputError(f"frames [{t}, {h}, {w}, 3] expected, got {np.shape(frames)}")
     frames = [np.asarray(f, np.float32) for f in frames]
-    noise = {}  # (a, b) -> flow_noise, once per pair
+    pair_stats = {}  # (a, b) -> (flow_noise, flow_spread), once per pair
     # Frames first, points last ([T, N, ...]): each frame's positions are one contiguous block.
     rows, qt = np.arange(n), q[:, 0].astype(np.int64)
     known = np.isfinite(tracks).all(-1).T
@@ -253,11 +263,12 @@ def refine_tracks(tracks, occluded, query_points, seq_dir: str, max_interval: in
         for a, b, flow_path, mask_path in pairs:
             flow = np.load(flow_path)
             mask = cv2.imread(mask_path, cv2.IMREAD_COLOR)[..., 2].astype(np.float32)  # R: cycle-consistent
-            if candidate_radius and (a, b) not in noise:
-                noise[a, b] = flow_noise(flow, mask > 127.5, frames[a], frames[b])
+            if candidate_radius and (a, b) not in pair_stats:
+                pair_stats[a, b] = (flow_noise(flow, mask > 127.5, frames[a], frames[b]),
+                                    flow_spread(flow, candidate_radius))
+            noise, spread = pair_stats.get((a, b), (0.0, None))
             xa = x[a].astype(np.float32)
-            step, consistent = select_flow(flow, mask, frames[a], frames[b], xa, noise.get((a, b), 0.0),
-                                           candidate_radius)
+            step, consistent = select_flow(flow, mask, frames[a], frames[b], xa, noise, candidate_radius, spread)
             step = step.astype(np.float64)
             inside = (xa[:, 0] >= 0) & (xa[:, 0] <= w - 1) & (xa[:, 1] >= 0) & (xa[:, 1] <= h - 1)
             valid = (consistent > 127.5) & inside & known[a] & known[b]

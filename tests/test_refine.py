@@ -11,8 +11,8 @@ from fastomni.inputs import InputError
 from fastomni.io import frame_name, load_video, write_frames
 from fastomni.config import preset
 from fastomni.refind import PATCH, FrameFeatures, refind_lost
-from fastomni.refine import (banded_cholesky_solve, flow_noise, refine_tracks, run_refiner, select_flow,
-                             surface_support)
+from fastomni.refine import (banded_cholesky_solve, flow_noise, flow_spread, refine_tracks, run_refiner,
+                             select_flow, surface_support)
 from fastomni.subpixel import align_to_query
 
 F64 = TOLERANCES[__import__("torch").float64]
@@ -119,6 +119,17 @@ def _sheared_pair(h=32, w=32, seed=0):
     blurred[:, :16, 1], blurred[:, 16:, 1] = 2.0, -1.0
     blurred[:, 13:20, 1] = np.linspace(2.0, -1.0, 7, dtype=np.float32)
     return a, b, blurred
+
+
+def test_flow_spread_is_the_largest_channel_range_over_the_square():
+    rng = np.random.default_rng(0)
+    flow = rng.normal(size=(9, 11, 2)).astype(np.float32)
+    want = np.empty((9, 11), np.float32)
+    for y in range(9):
+        for x in range(11):
+            box = flow[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3].reshape(-1, 2)
+            want[y, x] = (box.max(0) - box.min(0)).max()
+    np.testing.assert_array_equal(flow_spread(flow, 2), want)
 
 
 def test_select_flow_takes_the_motion_of_the_surface_the_point_is_on():
