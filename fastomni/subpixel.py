@@ -180,7 +180,10 @@ def align_to_query(tracks, occluded, query_points, features: FrameFeatures, radi
                     jac -= np.einsum("kp,kpj->kj", row_weights, jac)[:, None]  # the patch's mean moves with it
                     robust = row_weights * np.minimum(1.0, HUBER * template_std[rows] / (np.abs(residual) + 1e-9))
                     weighted = (jac * robust[..., None]).transpose(0, 2, 1)  # [K, 6, P]
-                    hessian = (weighted @ jac).astype(np.float64) + 1e-6 * np.eye(6)
+                    hessian = (weighted @ jac).astype(np.float64)
+                    # damped relative to its own scale: a fit on a few collinear pixels, or on a patch
+                    # without contrast (its gain explodes), is rank-deficient at any size
+                    hessian += (1e-6 + 1e-12 * np.trace(hessian, axis1=1, axis2=2))[:, None, None] * np.eye(6)
                     delta = -np.linalg.solve(hessian, (weighted @ residual[..., None]).astype(np.float64))[..., 0]
                     a_mat += delta[:, :4].reshape(-1, 2, 2)
                     p += delta[:, 4:]

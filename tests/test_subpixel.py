@@ -128,3 +128,31 @@ def test_align_with_the_surface_support_aligns_points_next_to_their_surface_edge
     assert np.linalg.norm(plain - truth, axis=-1).max() >= 0.5
     np.testing.assert_allclose(align_to_query(_drifted(truth), occluded, q, FrameFeatures(frames),
                                               support=np.ones_like(support)), plain, atol=1e-4)
+
+
+def test_align_survives_a_fit_on_a_few_collinear_pixels():
+    """A track of the benchmark's rotation clip (seed 104) whose support keeps a thin line of the
+    patch: its fit at radius 3 diverges onto clamped pixels without contrast, and the Hessian was
+    once exactly singular there (numpy's LinAlgError). The fit is now damped by its own scale; the
+    track's positions must stay finite, and its query frame (10) at the query."""
+    from fastomni.synthetic import make_video
+
+    video = make_video(num_frames=32, h=128, w=128, num_points=256, seed=104, motion="rotation")
+    track = np.array([[47.987713, 57.229027]] * 3 + [
+        [47.102215, 55.28951], [46.3474, 53.24862], [45.578915, 51.138767], [46.67282, 46.062412],
+        [46.28847, 44.402157], [46.137306, 42.85494], [45.999393, 41.535843], [45.961086, 40.34972],
+        [46.315636, 39.317123], [45.815098, 38.87585], [45.314564, 38.434578], [46.095634, 37.631107],
+        [53.54182, 36.53599], [55.244217, 36.965828], [56.753838, 37.603733], [58.08066, 38.326866],
+        [59.371056, 39.261715], [60.467335, 40.04927], [61.35498, 40.775467], [62.355034, 41.385963],
+        [63.517193, 42.03516], [64.79105, 42.671547], [66.12875, 43.353317], [67.457245, 43.943634],
+        [68.848755, 44.68825], [70.267914, 45.782455], [71.66437, 47.2583], [72.82895, 49.0143],
+        [73.70408, 50.80477]], np.float32)[None]
+    occluded = np.zeros((1, 32), bool)
+    occluded[0, [0, 1, 12]] = True
+    support = np.zeros((1, 2 * PATCH + 1, 2 * PATCH + 1), np.float32)
+    for dy, dx in [(-2, 2), (-1, -1), (-1, 0), (-1, 1), (0, -4), (0, -3), (0, -2), (0, 0), (1, -5), (1, -4)]:
+        support[0, PATCH + dy, PATCH + dx] = 1.0
+    query = video.query_points[21:22]
+    out = align_to_query(track, occluded, query, FrameFeatures(video.frames), 3, support=support)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0, 10], query[0, [2, 1]], atol=1e-4)
