@@ -56,7 +56,7 @@ class VideoJob:
     queries: str | None = None
     gt: str | None = None
     preset: str | None = None
-    flow_preset: str = "full"
+    flow_preset: str | None = None  # None: the preset's (preprocess.default_flow_preset)
     max_interval: int | None = None
     query_frame: int | None = None
     options: dict[str, str] = field(default_factory=dict)
@@ -104,7 +104,7 @@ def read_manifest(path: str) -> list[VideoJob]:
             job = VideoJob(resolve(video), name, lineno,
                            queries=resolve(kv.pop("queries")) if "queries" in kv else None,
                            gt=resolve(kv.pop("gt")) if "gt" in kv else None,
-                           preset=kv.pop("preset", None), flow_preset=kv.pop("flow_preset", "full"),
+                           preset=kv.pop("preset", None), flow_preset=kv.pop("flow_preset", None),
                            max_interval=int(kv.pop("max_interval")) if "max_interval" in kv else None,
                            query_frame=int(kv.pop("query_frame")) if "query_frame" in kv else None, options=kv)
         except ValueError as exc:

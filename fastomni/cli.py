@@ -306,9 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    from fastomni.config import FRAME_FORMATS
+    from fastomni.config import FLOW_PRESETS, FRAME_FORMATS
 
-    flow_presets = ("full", "medium", "fast")
     p = command("preprocess", _cmd_preprocess, "compute filtered pairwise optical flow for a video")
     p.add_argument("video", help="video file, frame folder or sequence folder")
     p.add_argument("--out", required=True, help="sequence folder to write")
@@ -317,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_interval", type=int, default=None, help="only pairs at most this many frames apart")
     p.add_argument("--pair_near", type=int, default=0,
                    help="0: every pair (the original); k: pairs within k frames, then 2k, 4k, ... apart")
-    p.add_argument("--flow_preset", choices=flow_presets, default="full")
+    p.add_argument("--flow_preset", choices=FLOW_PRESETS, default="full",
+                   help="fine: DIS on frames upsampled 2x (the fast preset's; 3-4x the time)")
     p.add_argument("--frame_format", choices=FRAME_FORMATS, default="jpg",
                    help="store the frames as JPEG (the original's) or lossless PNG (flow is computed on them)")
 
@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store tracks as float16 displacements (float32, with a warning, where float16 would round "
                         "by more than 0.05 px)")
     p.add_argument("--max_interval", type=int, default=None, help="preprocess only pairs this close")
-    p.add_argument("--flow_preset", choices=flow_presets, default="full")
+    p.add_argument("--flow_preset", choices=FLOW_PRESETS, default=None,
+                   help="default: fine for the fast preset, full otherwise")
     add_config_arguments(p)
 
     p = command("export", _cmd_export, "track every pixel of one frame to every frame (dense .npz)")

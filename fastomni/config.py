@@ -147,6 +147,7 @@ IGNORED_KEYS = frozenset({"config", "local_rank", "distributed", "num_workers", 
 FAMILIES = ("original", "fast")
 PAIR_SAMPLING = ("original", "uniform")  # see fastomni.sampler.PairSampler
 FRAME_FORMATS = ("jpg", "png")  # see fastomni.io.write_frames
+FLOW_PRESETS = ("fine", "full", "medium", "fast")  # see fastomni.preprocess.flow_estimator
 
 # Options that fix the shape of the networks or the sampling: a run must keep them to resume.
 MODEL_KEYS = ("family", "num_samples_ray", "pe_freq", "use_affine", "min_depth", "max_depth")

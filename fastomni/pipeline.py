@@ -50,16 +50,17 @@ def read_video_info(run_dir: str) -> dict:
 
 
 def prepare_sequence(video, run_dir: str, cfg: Config, progress: bool = True, max_interval: int | None = None,
-                     flow_preset: str = "full") -> tuple[str, dict]:
+                     flow_preset: str | None = None) -> tuple[str, dict]:
     """Read ``video`` (a file, a frame folder or ``[T, H, W, 3]`` uint8), downscale it to
     ``cfg.max_side``, keep ``cfg.num_imgs`` frames and preprocess it into ``run_dir/seq``.
 
     Returns ``(seq_dir, info)`` with ``info = {"video_size": (h, w), "model_size": (h, w),
     "num_frames": T, "sha256": of the frames}``, also written to ``run_dir/video.json``. A second
-    call with the same video reuses the stored frames and valid flows.
+    call with the same video reuses the stored frames and valid flows. ``flow_preset``: None for
+    :func:`~fastomni.preprocess.default_flow_preset` of ``cfg``.
     """
     from fastomni.io import check_frames, load_video
-    from fastomni.preprocess import preprocess
+    from fastomni.preprocess import default_flow_preset, preprocess
 
     if isinstance(video, np.ndarray):
         full = check_frames(video, "video", min_frames=2)[: cfg.num_imgs]
@@ -83,7 +84,8 @@ def prepare_sequence(video, run_dir: str, cfg: Config, progress: bool = True, ma
     # The stored frames of this very video are reused as they are (a pixel-wise comparison with
     # fresh frames would have to allow for JPEG noise); another video is left to preprocess to refuse.
     preprocess(seq_dir if same else frames, seq_dir, max_interval=max_interval, progress=progress,
-               flow_preset=flow_preset, pair_near=cfg.pair_near, frame_format=cfg.frame_format)
+               flow_preset=flow_preset or default_flow_preset(cfg), pair_near=cfg.pair_near,
+               frame_format=cfg.frame_format)
     write_atomic_text(info_path, json.dumps(info, indent=1) + "\n")
     return seq_dir, info
 
@@ -125,7 +127,7 @@ def model_tracks(model, query_points, cfg: Config, seq_dir: str, progress: bool 
 
 
 def track_video(video, query_points, run_dir: str, cfg: Config, half: bool = False, progress: bool = True,
-                max_interval: int | None = None, flow_preset: str = "full") -> dict:
+                max_interval: int | None = None, flow_preset: str | None = None) -> dict:
     """The whole pipeline for query points of a video: :func:`prepare_sequence`, :func:`optimize`
     (resuming when ``run_dir`` holds checkpoints), :func:`model_tracks`, and
     ``run_dir/tracks.npz`` in the video's pixels.
