@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair_near", type=int, default=0,
                    help="0: every pair (the original); k: pairs within k frames, then 2k, 4k, ... apart")
     p.add_argument("--flow_preset", choices=FLOW_PRESETS, default="full",
-                   help="fine: DIS on frames upsampled 2x (the fast preset's; 3-4x the time)")
+                   help="fine: DIS on frames upsampled 2x (the fast preset's; about 4x the time per pair)")
     p.add_argument("--frame_format", choices=FRAME_FORMATS, default="jpg",
                    help="store the frames as JPEG (the original's) or lossless PNG (flow is computed on them)")
 

@@ -14,7 +14,7 @@ learned flow, so:
   edge DIS's 8x8 patches blend the two surfaces' motions over half the width. Adjacent frames of
   the benchmark's four hard clips (docs/fast-preset.md, round 10), within 2 px of an edge: median
   error 0.42 -> 0.27 px, > 1 px 16.9% -> 13.6%; 2-4 px from one, > 1 px 4.4% -> 1.9%; elsewhere
-  0.055 -> 0.047 px; at 3-4x the time.
+  0.055 -> 0.047 px; at 4.4x the time per pair (128x128 frames, measured in one run).
 * **Chained initialisation**: like the original, which seeds RAFT for pair ``(i, j)`` with the
   flow of ``(i, j-1)``, the flow ``i -> j`` starts from ``(i -> j-1)`` composed with the adjacent
   flow ``(j-1 -> j)``; DIS then refines it. Large displacements that DIS cannot find from zero
@@ -78,7 +78,7 @@ def flow_estimator(preset: str = "full"):
 
     Presets: ``"full"`` DIS MEDIUM refined at full resolution; ``"fine"`` the same on frames
     upsampled :data:`FINE_UPSAMPLE` times (bilinear), each pixel's vectors averaged back (sharper
-    at objects' edges, 3-5x ``"full"``'s time); ``"medium"`` stock DIS MEDIUM (stops at half
+    at objects' edges, about 4x ``"full"``'s time); ``"medium"`` stock DIS MEDIUM (stops at half
     resolution); ``"fast"`` stock DIS FAST.
     """
     if preset not in FLOW_PRESETS:
