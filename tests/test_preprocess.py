@@ -392,6 +392,7 @@ def _moving_square(shift=(1.6, 0.7), size=64, side=24, seed=0):
     """Two grey frames: a still texture and, over it, a textured square moved by ``shift`` px
     (antialiased edges), and the true flow of frame 0 ``[size, size, 2]``."""
     rng = np.random.default_rng(seed)
+
     def texture():
         return cv2.GaussianBlur(rng.uniform(0, 255, (size, size)).astype(np.float32), (0, 0), 1.2) * 3 - 255
     back, front = texture(), texture()
