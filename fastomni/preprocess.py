@@ -34,7 +34,8 @@ Files (frame names are ``color/``'s file names, extension included, as in the or
 (dx, dy)); ``raft_masks/{a}_{b}.png`` RGB uint8, R = 255 where cycle-consistent (and, interval >=
 3, appearance-consistent), G = 255 where occluded-but-recoverable; ``count_maps/{stem}.png`` uint16
 per-pixel count of kept correspondences over all targets; ``flow_stats.json`` ``{a: {b: kept
-count}}``; ``shots.json`` (shot cuts, see :func:`detect_cuts`). With ``max_interval`` only pairs with
+count}}``; ``shots.json`` (shot cuts, see :func:`detect_cuts`); ``flow.json`` ``{"flow_preset": name}``,
+the estimator that wrote the flow files (:func:`flow_record`). With ``max_interval`` only pairs with
 ``|i - j| <= max_interval`` exist, in every file; with ``pair_near`` only the intervals of
 :func:`pair_intervals` (bounded preprocessing for long videos); no pair crosses a shot cut.
 
@@ -64,7 +65,7 @@ from fastomni.inputs import InputError, InputTypeError
 
 __all__ = ["preprocess", "estimate_cost", "flow_estimator", "cycle_masks", "appearance_similarity",
            "bilinear_sample", "compose_flows", "edge_sample", "frame_pairs", "pair_intervals", "detect_cuts",
-           "read_shots", "FLOW_PRESETS", "default_flow_preset"]
+           "read_shots", "FLOW_PRESETS", "default_flow_preset", "flow_record"]
 
 FINE_UPSAMPLE = 2  # the "fine" preset's DIS runs on frames this many times the size
 OCCLUSION_MAX_INTERVAL = 2  # occluded-but-recoverable only for intervals 1 and 2, as the original
@@ -321,6 +322,22 @@ def _valid_flow(path: str, h: int, w: int) -> np.ndarray | None:
     return flow
 
 
+def flow_record(seq_dir: str) -> str | None:
+    """The flow preset ``seq_dir/flow.json`` records for its flow files; None when it records none
+    (a folder written before the record existed, or another tool's, such as the original's RAFT)."""
+    path = os.path.join(seq_dir, "flow.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            name = json.load(f).get("flow_preset")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{path} is not a flow record ({exc}); delete it to recompute the flow") from None
+    if name not in FLOW_PRESETS:
+        raise InputError(f"{path} records flow_preset {name!r}, not one of {FLOW_PRESETS}; delete it to recompute")
+    return name
+
+
 def _same_video(existing: np.ndarray, frames: np.ndarray) -> bool:
     # JPEG round trips move values by a few levels; a different video differs by far more.
     return existing.shape == frames.shape and all(
@@ -373,8 +390,10 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
     ``pair_near`` frames, then 2x, 4x, ... ``pair_near`` apart).
     ``detect_shots``: find shot cuts (:func:`detect_cuts`), compute no flow across them and record
     them in ``shots.json`` (``cuts``: the first frame of each new shot; ``shot``: ``[T]`` shot index).
-    Existing valid flow files are reused; masks, count maps and stats are always recomputed (cheap,
-    and they depend on the thresholds). Prints the estimated cost first when ``progress``.
+    Existing valid flow files are reused when ``flow.json`` records ``flow_preset`` (or records
+    nothing: flow written by another tool is kept); those of another preset are deleted and
+    recomputed. Masks, count maps and stats are always recomputed (cheap, and they depend on the
+    thresholds). Prints the estimated cost first when ``progress``.
     """
     seq_dir = os.fspath(seq_dir)
     _check_int("max_interval", max_interval, 1, allow_none=True)
@@ -400,6 +419,21 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
     flow_dir, mask_dir, count_dir = (os.path.join(seq_dir, d) for d in ("raft_exhaustive", "raft_masks", "count_maps"))
     for d in (flow_dir, mask_dir, count_dir):
         os.makedirs(d, exist_ok=True)
+    recorded = flow_record(seq_dir)
+    stored = [n for n in os.listdir(flow_dir) if n.endswith(".npy")]
+    if recorded not in (None, flow_preset):  # delete first: an interrupted run must not mix estimators
+        if progress:
+            print(f"{seq_dir}'s flow was computed with flow_preset {recorded!r}, not {flow_preset!r}: recomputing it",
+                  flush=True)
+        for name in stored:
+            os.remove(os.path.join(flow_dir, name))
+    elif recorded is None and stored and progress:
+        print(f"{seq_dir} holds flow files without a record of their estimator: valid ones are reused as they are",
+              flush=True)
+    if recorded is not None or not stored:
+        with atomic_output(os.path.join(seq_dir, "flow.json")) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fp:
+                json.dump({"flow_preset": flow_preset}, fp)
 
     def flow_path(i, j):
         return os.path.join(flow_dir, f"{names[i]}_{names[j]}.npy")

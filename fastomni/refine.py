@@ -36,7 +36,10 @@ Occlusion: the model's flag; or the median residual of the cycle-consistent flow
 the frame above ``residual_th`` pixels (the flows cannot agree on the position); or a colour at the
 refined position (frames blurred with a Gaussian of sigma ``COLOR_SIGMA`` px) more than
 ``max_color_change`` (RGB distance, 0-255) from the query's (the track sits on another surface: an
-occluder, or the surface it was lost to). A lost track reported visible is a false positive for
+occluder, or the surface it was lost to). The blur is light (0.5 px): a point within a pixel or two of an
+object's edge read through a wider blur (1.5 px) takes in the surface behind it, whose colour
+changes as the object moves, and the test flagged points that had been tracked right
+(docs/fast-preset.md, round 11). A lost track reported visible is a false positive for
 TAP-Vid's metrics; reported occluded, it costs only occlusion accuracy. Non-finite positions
 (frames of another shot) stay non-finite. Flows across a shot cut do not exist, so no edge
 crosses one.
@@ -64,7 +67,7 @@ __all__ = ["CANDIDATE_RADIUS", "COLOR_SIGMA", "SPREAD_TH", "SUPPORT_TH", "banded
            "flow_noise", "flow_spread", "refine_tracks", "refiner", "refiner_settings", "run_refiner", "select_flow",
            "surface_support", "track_colors"]
 
-COLOR_SIGMA = 1.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, round 4)
+COLOR_SIGMA = 0.5  # px: the blur of the frames before the colour test (docs/fast-preset.md, rounds 4 and 11)
 CANDIDATE_RADIUS = 3  # px: the neighbourhood whose flow vectors compete in select_flow (docs/fast-preset.md, round 8)
 SPREAD_TH = 0.25  # px: select_flow keeps the bilinear vector where the flow varies less than this in the neighbourhood
 SUPPORT_TH = 0.5  # px: surface_support's largest flow difference from the track's step (docs/fast-preset.md, round 9)

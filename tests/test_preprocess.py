@@ -37,8 +37,9 @@ def read_mask(seq, i, j):
 
 
 def test_layout(seq):
-    assert sorted(os.listdir(seq)) == ["color", "count_maps", "flow_stats.json", "raft_exhaustive", "raft_masks",
-                                       "shots.json"]
+    assert sorted(os.listdir(seq)) == ["color", "count_maps", "flow.json", "flow_stats.json", "raft_exhaustive",
+                                       "raft_masks", "shots.json"]
+    assert json.load(open(os.path.join(seq, "flow.json"))) == {"flow_preset": "full"}
     shots = json.load(open(os.path.join(seq, "shots.json")))
     assert shots["cuts"] == [] and shots["shot"] == [0] * T and len(shots["adjacent_cycle_fraction"]) == T - 1
     assert sorted(os.listdir(os.path.join(seq, "color"))) == [f"{i:05d}.jpg" for i in range(T)]
@@ -124,6 +125,33 @@ def test_reuse_skips_valid_flows_and_redoes_broken_ones(tmp_path, video, monkeyp
     preprocess(video.frames, seq, max_interval=3, progress=False)  # same frames again: color/ kept
     assert len(calls) == 2
     np.testing.assert_array_equal(np.load(os.path.join(seq, "raft_exhaustive", names(0, 3) + ".npy")), before)
+
+
+def test_flow_of_another_preset_is_recomputed_and_recorded(tmp_path, video, capsys):
+    """A folder records the estimator of its flow files (flow.json): preprocessing it again with
+    another preset deletes and recomputes them; the same preset reuses them; a folder without a
+    record (another tool's flow) keeps its valid files."""
+    seq = preprocess(video.frames[:3], tmp_path / "seq", progress=False, flow_preset="fast")
+    path = os.path.join(seq, "raft_exhaustive", names(0, 2) + ".npy")
+    fast = np.load(path)
+    assert pp.flow_record(seq) == "fast"
+    preprocess(seq, seq, progress=True, flow_preset="full")
+    assert "computed with flow_preset 'fast', not 'full': recomputing it" in capsys.readouterr().out
+    assert pp.flow_record(seq) == "full"
+    full = np.load(path)
+    assert np.abs(full - fast).max() > 0.01  # recomputed by the other estimator
+    mtime = os.path.getmtime(path)
+    preprocess(seq, seq, progress=False, flow_preset="full")
+    assert os.path.getmtime(path) == mtime
+    os.remove(os.path.join(seq, "flow.json"))
+    preprocess(seq, seq, progress=True, flow_preset="fast")
+    assert "without a record of their estimator: valid ones are reused" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(path), full)
+    assert pp.flow_record(seq) is None
+    with open(os.path.join(seq, "flow.json"), "w") as f:
+        json.dump({"flow_preset": "raft"}, f)
+    with pytest.raises(pp.InputError, match="records flow_preset 'raft'"):
+        preprocess(seq, seq, progress=False)
 
 
 def test_input_from_a_frame_folder_and_printed_estimate(tmp_path, video, capsys):
