@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastomni._atomic import write_atomic_text
 from fastomni.config import FLOW_PRESETS
 from fastomni.io import FRAME_FORMATS, atomic_output, check_frames, frame_files, load_video, write_frames
 from fastomni.inputs import InputError, InputTypeError
@@ -430,10 +431,8 @@ def preprocess(frames_or_path, seq_dir, max_interval: int | None = None, cycle_t
     elif recorded is None and stored and progress:
         print(f"{seq_dir} holds flow files without a record of their estimator: valid ones are reused as they are",
               flush=True)
-    if recorded is not None or not stored:
-        with atomic_output(os.path.join(seq_dir, "flow.json")) as tmp:
-            with open(tmp, "w", encoding="utf-8") as fp:
-                json.dump({"flow_preset": flow_preset}, fp)
+    if recorded != flow_preset and (recorded is not None or not stored):
+        write_atomic_text(os.path.join(seq_dir, "flow.json"), json.dumps({"flow_preset": flow_preset}))
 
     def flow_path(i, j):
         return os.path.join(flow_dir, f"{names[i]}_{names[j]}.npy")
