@@ -1,11 +1,16 @@
 """fastomni.subpixel: drifted visible positions are pulled back onto the query's point to a fraction
-of a pixel; occluded, non-finite, flat-patch, border and wrong-surface positions are left alone."""
+of a pixel; occluded, non-finite, flat-patch, border and wrong-surface positions are left alone; each
+fit is weighed against the track by their expected errors.
+
+The tests of the fits take them whole (``whole_fits``: the tracks' assumed drift so large that the
+fits' weight is 1): their tracks drift 0.2 px per frame, far more than TRACK_DRIFT assumes."""
 import cv2
 import numpy as np
 import pytest
 
 from fastomni.inputs import InputError
 from fastomni.refind import PATCH, FrameFeatures
+from fastomni import subpixel
 from fastomni.subpixel import align_to_query
 
 SIZE, NUM = 96, 8
@@ -41,7 +46,12 @@ def _drifted(truth: np.ndarray, seed: int = 1) -> np.ndarray:
     return truth + 0.2 * np.arange(NUM)[None, :, None] * direction
 
 
-def test_align_pulls_drifted_tracks_onto_the_point():
+@pytest.fixture
+def whole_fits(monkeypatch):
+    monkeypatch.setattr(subpixel, "TRACK_DRIFT", 1e3)
+
+
+def test_align_pulls_drifted_tracks_onto_the_point(whole_fits):
     rng = np.random.default_rng(0)
     features = FrameFeatures(_frames(_texture(rng)))
     query_xy = rng.uniform(30, 66, (40, 2))
@@ -56,7 +66,7 @@ def test_align_pulls_drifted_tracks_onto_the_point():
     np.testing.assert_array_equal(aligned[:, 0], drifted[:, 0].astype(np.float32))  # the query frame is kept
 
 
-def test_align_moves_unaligned_frames_with_their_neighbours_and_leaves_the_rest():
+def test_align_moves_unaligned_frames_with_their_neighbours_and_leaves_the_rest(whole_fits):
     rng = np.random.default_rng(2)
     tex = _texture(rng)
     tex[:, :40] = 128  # a flat left part: no texture to align on
@@ -84,6 +94,31 @@ def test_align_moves_unaligned_frames_with_their_neighbours_and_leaves_the_rest(
     assert np.linalg.norm(aligned[0, 2] - truth[0, 2]) < 0.25 < np.linalg.norm(drifted[0, 2] - truth[0, 2])
 
 
+def test_align_weighs_a_noisy_fit_against_the_track():
+    """Frame 1: the texture shifted 2 px right, with noise (sigma 8 grey levels); the tracks are at
+    the truth. Taken whole, the fits move them 0.064 px off on average (measured); weighed against
+    the tracks (TRACK_DRIFT px one frame from the query), 0.030 px, each between the track and its fit."""
+    rng = np.random.default_rng(5)
+    tex = _texture(rng)
+    shifted = cv2.warpAffine(tex, np.float32([[1, 0, 2.0], [0, 1, 0]]), (SIZE, SIZE), borderMode=cv2.BORDER_REFLECT)
+    noisy = np.clip(shifted + rng.normal(0, 8, shifted.shape), 0, 255).astype(np.uint8)
+    features = FrameFeatures(np.stack([tex, noisy]))
+    query_xy = rng.uniform(20, 70, (30, 2))
+    q = np.concatenate([np.zeros((30, 1)), query_xy[:, ::-1]], 1)
+    truth = np.stack([query_xy, query_xy + [2.0, 0.0]], 1)
+    weighed = align_to_query(truth, np.zeros((30, 2), bool), q, features)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subpixel, "TRACK_DRIFT", 1e3)
+        whole = align_to_query(truth, np.zeros((30, 2), bool), q, features)
+    moved, fitted = np.linalg.norm(weighed[:, 1] - truth[:, 1], axis=1), np.linalg.norm(whole[:, 1] - truth[:, 1], axis=1)
+    assert fitted.mean() > 0.04 and (fitted > 0).all()  # every fit was kept, and the noise moved it
+    assert moved.mean() < 0.6 * fitted.mean(), (moved.mean(), fitted.mean())
+    assert (moved <= fitted + 1e-5).all()
+    # on the line from the track to the fit
+    a, b = weighed[:, 1] - truth[:, 1], whole[:, 1] - truth[:, 1]
+    np.testing.assert_allclose(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0], 0.0, atol=1e-4)
+
+
 def test_align_rejects_bad_input():
     features = FrameFeatures(np.zeros((3, 16, 16, 3), np.uint8))
     tracks, occluded, q = np.zeros((1, 3, 2)), np.zeros((1, 3), bool), np.array([[0, 8.0, 8.0]])
@@ -104,7 +139,7 @@ def test_align_rejects_bad_input():
         align_to_query(tracks, occluded, q, features, support=rim)
 
 
-def test_align_with_the_surface_support_aligns_points_next_to_their_surface_edge():
+def test_align_with_the_surface_support_aligns_points_next_to_their_surface_edge(whole_fits):
     """Points 3 px inside the left edge of a textured square that moves 1.5 px right per frame over
     a still background: the fitted patch holds background that does not move with them. Weighted
     by the square's pixels they are aligned within 0.4 px; unweighted, one stays 0.5 px or more off."""
