@@ -14,6 +14,7 @@ from fastomni import subpixel
 from fastomni.subpixel import align_to_query
 
 SIZE, NUM = 96, 8
+WHOLE = 1e3  # a TRACK_DRIFT (px) that makes every kept fit's weight 1
 
 
 def _motion(t: int) -> np.ndarray:
@@ -48,7 +49,7 @@ def _drifted(truth: np.ndarray, seed: int = 1) -> np.ndarray:
 
 @pytest.fixture
 def whole_fits(monkeypatch):
-    monkeypatch.setattr(subpixel, "TRACK_DRIFT", 1e3)
+    monkeypatch.setattr(subpixel, "TRACK_DRIFT", WHOLE)
 
 
 def test_align_pulls_drifted_tracks_onto_the_point(whole_fits):
@@ -108,7 +109,7 @@ def test_align_weighs_a_noisy_fit_against_the_track():
     truth = np.stack([query_xy, query_xy + [2.0, 0.0]], 1)
     weighed = align_to_query(truth, np.zeros((30, 2), bool), q, features)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(subpixel, "TRACK_DRIFT", 1e3)
+        patch.setattr(subpixel, "TRACK_DRIFT", WHOLE)
         whole = align_to_query(truth, np.zeros((30, 2), bool), q, features)
     moved, fitted = np.linalg.norm(weighed[:, 1] - truth[:, 1], axis=1), np.linalg.norm(whole[:, 1] - truth[:, 1], axis=1)
     assert fitted.mean() > 0.04 and (fitted > 0).all()  # every fit was kept, and the noise moved it
