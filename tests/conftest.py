@@ -3,6 +3,7 @@
 No CUDA calls at collection time."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,6 +39,17 @@ TOLERANCES = {
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_PATH = Path(os.environ.get("FASTOMNI_GOLDEN", REPO.parent / "shared" / "reference" / "omnimotion_golden.pt"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads; the count before is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tol(dtype: torch.dtype) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NATIVE_BACKENDS, TOLERANCES, backend_device
+from conftest import NATIVE_BACKENDS, TOLERANCES, backend_device, torch_threads
 from fastomni.nn import NVPSimplified
 from fastomni.ops import BackendUnavailable, use_backend
 from fastomni.ops.affine_coupling import affine_coupling, affine_coupling_bwd_op, affine_coupling_op
@@ -107,16 +107,12 @@ def test_cpu_threads():
     args = _layer(4, 300, torch.float64, "cpu", seed=3)
     for t in _leaves(args):
         t.requires_grad_()
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for k in (1, 3):
-            torch.set_num_threads(k)
+    results = []
+    for k in (1, 3):
+        with torch_threads(k):
             with use_backend("cpu"):
                 out = affine_coupling(*args, 0, False)
             results.append([out, *torch.autograd.grad(out.square().sum(), _leaves(args))])
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
 

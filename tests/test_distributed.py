@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tol
+from conftest import tol, torch_threads
 from test_sampler import make_sequence
 
 import fastomni.optimize as opt_mod
@@ -220,12 +220,8 @@ def test_world_size_one_is_the_plain_command(seq, tmp_path):
     cores; on some CPUs another thread count splits the GEMMs into blocks rounded differently)."""
     _torchrun(1, "--threads", "1", "train", seq, "--out", str(tmp_path / "t1"), "--num_iters", "4", "--use_error_map",
               "true", *FLAGS)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         plain = optimize(seq, str(tmp_path / "p"), CFG.replace(use_error_map=True), progress=False)
-    finally:
-        torch.set_num_threads(threads)
     a = torch.load(plain.checkpoint, weights_only=True)
     b = torch.load(str(tmp_path / "t1" / "model_000004.pth"), weights_only=True)
     assert a.keys() == b.keys() and "world_size" not in b

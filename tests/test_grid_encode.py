@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import NATIVE_BACKENDS, TOLERANCES, backend_device
+from conftest import NATIVE_BACKENDS, TOLERANCES, backend_device, torch_threads
 
 from fastomni.ops import BackendUnavailable, use_backend
 from fastomni.ops.grid_encode import grid_encode, grid_encode_op
@@ -135,15 +135,11 @@ def test_cpu_backward_is_deterministic():
     backend_device(OP, "cpu")
     x, table, res, off = _inputs(1000, 3, 2, torch.float32, "cpu")
     grad = torch.randn(1000, len(res) * 2, generator=torch.Generator().manual_seed(4))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = torch.ops.fastomni_cpu.grid_encode_bwd(grad, x, table, _flat(res), off)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = torch.ops.fastomni_cpu.grid_encode_bwd(grad, x, table, _flat(res), off)
         again = torch.ops.fastomni_cpu.grid_encode_bwd(grad, x, table, _flat(res), off)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one[1], two[1]) and torch.equal(two[0], again[0]) and torch.equal(two[1], again[1])
     torch.testing.assert_close(one[0], two[0], **TOLERANCES[torch.float32])
 
